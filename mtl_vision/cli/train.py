@@ -1,0 +1,71 @@
+"""`mtl-train`: compose the config, train, validate the final weights, report.
+
+Writes `<run dir>/metrics.json` (flat `val/<task>/<metric>` dict from a validation pass over the
+final weights) and returns the monitored value, so Hydra sweepers can optimise it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from mtl_vision.cli import CONFIG_DIR, check_config_dir
+from mtl_vision.cli.build import build_datamodule, build_module, build_trainer, check_monitor
+from mtl_vision.engine.callbacks import ImageThroughput
+from mtl_vision.engine.module import count_parameters
+from mtl_vision.engine.report import print_metric_table, write_json
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> float:
+    """Run one training job from a composed config; returns the monitored metric."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    check_monitor(cfg.monitor, datamodule.tasks)
+    module = build_module(cfg, datamodule)
+    trainer = build_trainer(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+
+    if trainer.is_global_zero:
+        for part in ("backbone", "decoder"):
+            trainable, total = count_parameters(getattr(module.model, part))
+            log.info("%s: %.2fM parameters (%.2fM trainable)", part, total / 1e6, trainable / 1e6)
+        log.info("tasks %s, output channels %s; run directory %s", datamodule.tasks, datamodule.task_channels, output_dir)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # Lightning skips validation when max_steps ends training mid-epoch; the reported numbers must
+    # always describe the final weights, so validate them explicitly.
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    metrics = dict(module.last_val_metrics)
+    if cfg.monitor not in metrics:
+        raise KeyError(f"monitor={cfg.monitor!r} was not computed; available: {sorted(metrics)}")
+
+    if trainer.is_global_zero:
+        throughput = next((c for c in trainer.callbacks if isinstance(c, ImageThroughput)), None)
+        if throughput is not None and throughput.mean_images_per_s is not None:
+            log.info("training throughput: %.1f images/s", throughput.mean_images_per_s)
+        write_json(output_dir / "metrics.json", metrics)
+        print_metric_table(metrics, datamodule.tasks, title=f"validation ({cfg.monitor} = {metrics[cfg.monitor]:.4g})")
+        log.info("metrics written to %s", output_dir / "metrics.json")
+    return metrics[cfg.monitor]
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def _hydra_main(cfg: DictConfig) -> float:
+    if cfg.get("print_config", False):
+        log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    return train(cfg)
+
+
+def main() -> None:
+    check_config_dir()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

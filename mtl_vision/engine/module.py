@@ -1,0 +1,124 @@
+"""The LightningModule: one training step = model -> task losses -> balancer -> optimiser step.
+
+Logs `train/<task>/loss`, `train/weights/<task>`, `val/<task>/loss` and `val/<task>/<metric>`
+(split-level metrics reduced across processes by torchmetrics' summed states).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+import lightning as L
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from torchmetrics import Metric
+
+from mtl_vision.balancing import Balancer
+from mtl_vision.losses import MultiTaskLoss
+from mtl_vision.tasks import check_task_keys, get_task
+
+
+class MultiTaskModule(L.LightningModule):
+    """Args:
+        model: image (N,3,H,W) -> {task: raw output (N,C,H,W)}.
+        loss: {task: raw}, batch -> {task: scalar}.
+        balancer: {task: scalar} -> scalar total.
+        metrics: {task: Metric} evaluated on validation.
+        optimizer: `optimizer(param_groups) -> Optimizer` (a `_partial_` config node).
+        scheduler: `scheduler(optimizer, total_steps=...) -> LRScheduler`, stepped every step; optional.
+        no_weight_decay_1d: put biases and norm weights in a group without weight decay.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        loss: MultiTaskLoss,
+        balancer: Balancer,
+        metrics: Mapping[str, Metric],
+        optimizer: Callable[[Iterable], Optimizer],
+        scheduler: Callable[..., LRScheduler] | None = None,
+        no_weight_decay_1d: bool = True,
+    ) -> None:
+        super().__init__()
+        self.tasks = list(loss.tasks)
+        check_task_keys(metrics, self.tasks, what="metrics")
+        if list(balancer.tasks) != self.tasks:
+            raise ValueError(f"balancer tasks {balancer.tasks} differ from loss tasks {self.tasks}")
+        self.model = model
+        self.loss = loss
+        self.balancer = balancer
+        self.metrics = nn.ModuleDict(dict(metrics))
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.no_weight_decay_1d = no_weight_decay_1d
+        self.last_val_metrics: dict[str, float] = {}
+
+    def forward(self, image: Tensor) -> dict[str, Tensor]:
+        return self.model(image)
+
+    def predict_tasks(self, image: Tensor) -> dict[str, Tensor]:
+        """Activated predictions in target units (labels, metres, unit normals, probabilities)."""
+        raw = self.model(image)
+        return {t: get_task(t).activate(raw[t]) for t in self.tasks}
+
+    def _step_losses(self, batch: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        preds = self.model(batch["image"])
+        return preds, self.loss(preds, batch)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        _, losses = self._step_losses(batch)
+        total = self.balancer(losses)
+        batch_size = batch["image"].shape[0]
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
+        for task in self.tasks:
+            self.log(f"train/{task}/loss", losses[task].detach(), batch_size=batch_size)
+            self.log(f"train/weights/{task}", self.balancer.last_weights[task], batch_size=batch_size)
+        return total
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        preds, losses = self._step_losses(batch)
+        batch_size = batch["image"].shape[0]
+        for task in self.tasks:
+            self.log(f"val/{task}/loss", losses[task], sync_dist=True, batch_size=batch_size)
+            self.metrics[task].update(get_task(task).activate(preds[task]), batch[task])
+        self.log("val/loss", sum(losses.values()), sync_dist=True, batch_size=batch_size)
+
+    def on_validation_epoch_end(self) -> None:
+        results: dict[str, float] = {}
+        for task in self.tasks:
+            # compute() reduces the summed states over all processes, so every rank logs the
+            # split-level value and no further sync is needed.
+            for key, value in self.metrics[task].compute().items():
+                results[f"val/{task}/{key}"] = float(value)
+            self.metrics[task].reset()
+        for key, value in results.items():
+            self.log(key, value, sync_dist=False, rank_zero_only=False)
+        self.last_val_metrics = results
+
+    def configure_optimizers(self) -> Any:
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        if self.no_weight_decay_1d:
+            groups = [
+                {"params": [p for _, p in params if p.ndim > 1]},
+                {"params": [p for _, p in params if p.ndim <= 1], "weight_decay": 0.0},
+            ]
+            groups = [g for g in groups if g["params"]]
+        else:
+            groups = [{"params": [p for _, p in params]}]
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, total_steps=max(total_steps, 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return trainable, total
+
+

@@ -1,0 +1,73 @@
+"""Learning-rate schedules stepped every optimiser step, with linear warmup.
+
+`poly` is the schedule of the dense-prediction references (MTI-Net, InvPT: power 0.9);
+`cosine` decays to `min_lr_ratio` of the base rate. Both are `LambdaLR`s, so their state is the
+step count and resumes exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def _check(total_steps: int, warmup_steps: int, warmup_ratio: float) -> None:
+    if total_steps < 1:
+        raise ValueError(f"sched: total_steps must be >= 1, got {total_steps}")
+    if warmup_steps < 0:
+        raise ValueError(f"sched.warmup_steps must be >= 0, got {warmup_steps}")
+    if not 0.0 <= warmup_ratio <= 1.0:
+        raise ValueError(f"sched.warmup_ratio must lie in [0, 1], got {warmup_ratio}")
+
+
+def _warmup(step: int, warmup_steps: int, warmup_ratio: float) -> float | None:
+    """Factor during warmup (linear from warmup_ratio to 1), None after it."""
+    if step >= warmup_steps:
+        return None
+    return warmup_ratio + (1.0 - warmup_ratio) * step / warmup_steps
+
+
+def poly(
+    optimizer: Optimizer,
+    *,
+    total_steps: int,
+    power: float = 0.9,
+    warmup_steps: int = 0,
+    warmup_ratio: float = 1e-3,
+    min_lr_ratio: float = 0.0,
+) -> LambdaLR:
+    """lr = base * max(min_lr_ratio, (1 - t/T)^power) after a linear warmup."""
+    _check(total_steps, warmup_steps, warmup_ratio)
+
+    def factor(step: int) -> float:
+        warm = _warmup(step, warmup_steps, warmup_ratio)
+        if warm is not None:
+            return warm
+        progress = min(step, total_steps) / total_steps
+        return max(min_lr_ratio, (1.0 - progress) ** power)
+
+    return LambdaLR(optimizer, factor)
+
+
+def cosine(
+    optimizer: Optimizer,
+    *,
+    total_steps: int,
+    warmup_steps: int = 0,
+    warmup_ratio: float = 1e-3,
+    min_lr_ratio: float = 0.0,
+) -> LambdaLR:
+    """Half-cosine from base to base * min_lr_ratio over the steps after warmup."""
+    _check(total_steps, warmup_steps, warmup_ratio)
+
+    def factor(step: int) -> float:
+        warm = _warmup(step, warmup_steps, warmup_ratio)
+        if warm is not None:
+            return warm
+        span = max(total_steps - warmup_steps, 1)
+        progress = min(step - warmup_steps, span) / span
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)

@@ -1,0 +1,77 @@
+"""Surface-normal metric: angular errors over a split, median from a fine histogram."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from mtl_vision.metrics.functional import (
+    NORMAL_WITHIN_DEG,
+    _histogram_median,
+    _normal_angles,
+    _normal_compute,
+    _normal_histogram_update,
+    _normal_num_bins,
+    _normal_sums_update,
+)
+
+__all__ = ["NormalMetrics"]
+
+
+class NormalMetrics(Metric):
+    """mean / median / rmse angular error (degrees) and within-11.25/22.5/30 (percent) over a split.
+
+    Keeping every per-pixel angle of a split would not fit a summable state, so the state is:
+    exact float64 sums of angle and angle^2, exact int64 counts of valid pixels and of angles
+    below each within-threshold (so mean, rmse and within-X equal ``normal_errors`` up to
+    float rounding), plus an int64 histogram of angles over [0, 180] degrees with bins of
+    ``bin_width_deg`` (18000 bins for 0.01). The median is read from the histogram with
+    interpolation inside the bin; its error is below ``bin_width_deg`` (the functional
+    ``normal_errors`` computes it exactly).
+
+    Args:
+        bin_width_deg: histogram resolution in degrees, in (0, 180].
+
+    ``update(pred, target)``: normal vectors (N, 3, H, W); pred need not be unit length, target
+    pixels with a zero vector are invalid. ``compute()`` returns ``{"mean", "median", "rmse",
+    "within_11_25", "within_22_5", "within_30"}``.
+    """
+
+    is_differentiable = False
+    # mixed: the angle errors are lower-is-better, the within-X ratios higher-is-better
+    higher_is_better = None
+    full_state_update = False
+
+    hist: Tensor
+    sum_angle: Tensor
+    sum_sq_angle: Tensor
+    n_valid: Tensor
+    within: Tensor
+
+    def __init__(self, bin_width_deg: float = 0.01, **kwargs) -> None:
+        super().__init__(**kwargs)
+        num_bins = _normal_num_bins(bin_width_deg)
+        self.bin_width_deg = float(bin_width_deg)
+        self.add_state("hist", default=torch.zeros(num_bins, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("sum_angle", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("sum_sq_angle", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("n_valid", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state(
+            "within", default=torch.zeros(len(NORMAL_WITHIN_DEG), dtype=torch.int64), dist_reduce_fx="sum"
+        )
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """Add one batch of predicted and ground-truth normals, (N, 3, H, W)."""
+        angles = _normal_angles(pred, target)
+        sum_angle, sum_sq_angle, n_valid, within = _normal_sums_update(angles)
+        self.sum_angle += sum_angle
+        self.sum_sq_angle += sum_sq_angle
+        self.n_valid += n_valid
+        self.within += within
+        self.hist += _normal_histogram_update(angles, self.bin_width_deg)
+
+    def compute(self) -> dict[str, Tensor]:
+        """Split-level angular errors; median from the histogram (error < ``bin_width_deg``)."""
+        median = _histogram_median(self.hist, self.bin_width_deg)
+        return _normal_compute(self.sum_angle, self.sum_sq_angle, self.n_valid, self.within, median)

@@ -1,0 +1,41 @@
+"""Backbone + decoder, with input normalisation and outputs brought back to the input size."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mtl_vision.models.backbone import Backbone
+
+
+class MultiTaskModel(nn.Module):
+    """Args:
+        backbone: feature extractor with `channels`, `strides`, `mean`, `std`.
+        decoder: `forward(features) -> {task: (N,C,h,w)}`, optionally with an "aux" entry
+            {name: {task: map}} of intermediate predictions for deep supervision.
+
+    `forward(image (N,3,H,W) RGB in [0,1]) -> {task: (N,C,H,W) raw outputs}` (and "aux" likewise).
+    Images stay in [0,1] through the data pipeline so pictures need no de-normalisation; the
+    normalisation the backbone's weights expect is applied here, so swapping a backbone can never
+    pair it with the wrong mean/std.
+    """
+
+    def __init__(self, *, backbone: Backbone, decoder: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.decoder = decoder
+
+    def forward(self, image: Tensor) -> dict:
+        x = (image - self.backbone.mean) / self.backbone.std
+        out = self.decoder(self.backbone(x))
+        size = image.shape[-2:]
+        preds = {task: _resize(pred, size) for task, pred in out.items() if task != "aux"}
+        if "aux" in out:
+            preds["aux"] = {name: {t: _resize(p, size) for t, p in maps.items()} for name, maps in out["aux"].items()}
+        return preds
+
+
+def _resize(x: Tensor, size) -> Tensor:
+    if x.shape[-2:] == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)

@@ -1,0 +1,66 @@
+"""Shared fixtures: compose the real config tree, as `mtl-train` does, with tiny settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from mtl_vision.cli import CONFIG_DIR
+
+# Small, fast settings that keep the real code paths: tiny timm model, tiny images, few samples.
+TINY = [
+    "backbone=test_resnet",
+    "data.dataset.height=64",
+    "data.dataset.width=80",
+    "data.dataset.num_samples={train:16,val:6}",
+    "data.batch_size=4",
+    "data.val_batch_size=4",
+    "data.num_workers=0",
+    "decoder.channels=16",
+]
+
+
+def config_groups() -> dict[str, list[str]]:
+    """{group: [option, ...]} for every config group directory in conf/."""
+    groups = {}
+    for folder in sorted(p for p in CONFIG_DIR.iterdir() if p.is_dir()):
+        options = sorted(f.stem for f in folder.glob("*.yaml"))
+        if options:
+            groups[folder.name] = options
+    return groups
+
+
+@pytest.fixture(autouse=True)
+def _single_thread_and_clean_hydra():
+    torch.set_num_threads(2)
+    yield
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """compose(overrides) -> resolved-able train config whose run directory is tmp_path/run."""
+
+    def _make(overrides: Sequence[str] = (), *, tiny: bool = True, run_dir: Path | None = None) -> DictConfig:
+        GlobalHydra.instance().clear()
+        out = run_dir or tmp_path / "run"
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(
+                config_name="train",
+                overrides=[*(TINY if tiny else []), *overrides, f"hydra.run.dir={out}", f"paths.log_dir={tmp_path / 'logs'}"],
+                return_hydra_config=True,
+            )
+        HydraConfig().set_config(cfg)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(out)
+            cfg.paths.work_dir = str(tmp_path)
+        return cfg
+
+    return _make
