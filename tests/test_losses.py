@@ -1,0 +1,74 @@
+"""Per-task losses on hand-worked cases; invalid pixels never contribute."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mtl_vision import losses
+from mtl_vision.losses import MultiTaskLoss
+
+
+def test_cross_entropy_ignores_255():
+    raw = torch.zeros(1, 2, 1, 2)
+    raw[0, 0, 0, 0] = math.log(3.0)  # pixel 0: p(class 0) = 3/4
+    target = torch.tensor([[[0, 255]]])
+    assert losses.cross_entropy(raw, target).item() == pytest.approx(-math.log(0.75))
+
+
+def test_cross_entropy_all_ignored_is_zero_with_graph():
+    raw = torch.randn(1, 3, 2, 2, requires_grad=True)
+    loss = losses.cross_entropy(raw, torch.full((1, 2, 2), 255))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert raw.grad is not None and raw.grad.abs().sum() == 0
+
+
+def test_depth_l1_on_valid_pixels_only():
+    raw = torch.tensor([[[[1.0, 5.0, 100.0]]]])
+    target = torch.tensor([[[[2.0, 3.0, 0.0]]]])  # last pixel invalid
+    assert losses.depth_l1(raw, target).item() == pytest.approx((1.0 + 2.0) / 2)
+
+
+def test_normals_l1_normalises_prediction_and_masks_invalid():
+    raw = torch.tensor([[[[2.0, 0.0]], [[0.0, 0.0]], [[0.0, 7.0]]]])  # (1,3,1,2): +x (scaled), +z
+    target = torch.tensor([[[[1.0, 0.0]], [[0.0, 0.0]], [[0.0, 0.0]]]])  # pixel 1 invalid (all zero)
+    assert losses.normals_l1(raw, target).item() == pytest.approx(0.0, abs=1e-6)
+    target_y = torch.tensor([[[[0.0, 0.0]], [[1.0, 0.0]], [[0.0, 0.0]]]])
+    # |(1,0,0) - (0,1,0)|_1 = 2 over 3 channels of the one valid pixel
+    assert losses.normals_l1(raw, target_y).item() == pytest.approx(2.0 / 3.0, abs=1e-6)
+
+
+def test_balanced_bce_matches_its_formula():
+    raw = torch.tensor([[[[0.0, 2.0, -1.0]]]])
+    target = torch.tensor([[[[1.0, 0.0, 255.0]]]])
+    w = 0.8
+    p0, p1 = 0.5, 1 / (1 + math.exp(-2.0))
+    expected = (w * -math.log(p0) + (1 - w) * -math.log(1 - p1)) / 2  # two valid pixels
+    assert losses.balanced_bce(raw, target, pos_weight=w).item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="pos_weight"):
+        losses.balanced_bce(raw, target, pos_weight=1.5)
+
+
+def test_bce_plain_mean():
+    raw = torch.tensor([[[[0.0, 0.0]]]])
+    target = torch.tensor([[[[1.0, 0.0]]]])
+    assert losses.bce(raw, target).item() == pytest.approx(math.log(2.0))
+
+
+def test_multitask_loss_applies_task_kwargs_and_checks_keys():
+    crit = MultiTaskLoss(tasks=["edge", "depth"], task_kwargs={"edge": {"pos_weight": 0.8}, "semseg": {}})
+    preds = {"edge": torch.zeros(1, 1, 2, 2), "depth": torch.ones(1, 1, 2, 2)}
+    targets = {"edge": torch.ones(1, 1, 2, 2), "depth": torch.full((1, 1, 2, 2), 3.0)}
+    out = crit(preds, targets)
+    assert set(out) == {"edge", "depth"}
+    assert out["edge"].item() == pytest.approx(0.8 * math.log(2.0))
+    assert out["depth"].item() == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="missing"):
+        crit({"edge": preds["edge"]}, targets)
+    with pytest.raises(ValueError, match="size"):
+        crit({"edge": torch.zeros(1, 1, 3, 3), "depth": preds["depth"]}, targets)
+    with pytest.raises(ValueError, match="unknown task"):
+        MultiTaskLoss(tasks=["sementic"])
