@@ -83,7 +83,3 @@ def colorize_heat(prob: Tensor) -> Tensor:
     prob = _batched(prob).float()
     return _ramp(torch.where(prob == IGNORE_INDEX, torch.zeros_like(prob), prob))
 
-
-def image_to_rgb(image: Tensor) -> Tensor:
-    """Input images are already RGB in [0,1] (the model normalises them); clamp for display."""
-    return image.float().clamp(0, 1)

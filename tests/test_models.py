@@ -75,3 +75,8 @@ def test_model_normalises_with_the_backbone_statistics():
     expected = decoder(backbone((image - backbone.mean) / backbone.std))["depth"]
     got = model(image)["depth"]
     assert torch.allclose(torch.nn.functional.interpolate(expected, size=(32, 32), mode="bilinear", align_corners=False), got)
+
+
+def test_out_of_range_out_indices_are_reported():
+    with pytest.raises(ValueError, match="out_indices"):
+        Backbone(name="test_convnext", out_indices=[1, 2, 3, 4])

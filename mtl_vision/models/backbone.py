@@ -57,7 +57,11 @@ class Backbone(nn.Module):
         if not timm.is_model(timm.models.split_model_name_tag(name)[0]):
             raise ValueError(f"backbone.name: {name!r} is not a timm model (see timm.list_models())")
         self.name = name
-        self.model = timm.create_model(name, pretrained=pretrained, features_only=True, **kwargs)
+        try:
+            self.model = timm.create_model(name, pretrained=pretrained, features_only=True, **kwargs)
+        except IndexError as err:
+            # timm indexes its feature levels with out_indices and fails without saying so.
+            raise ValueError(f"backbone.out_indices={list(out_indices or [])} is out of range for {name}: {err}") from err
         info = self.model.feature_info
         self.channels: list[int] = list(info.channels())
         self.strides: list[int] = list(info.reduction())
