@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -97,7 +96,3 @@ class MultiTaskLoss(nn.Module):
             out[task] = self._fns[task](pred, target, **self.task_kwargs[task])
         return out
 
-
-def total_of(losses: Mapping[str, Tensor]) -> Tensor:
-    """Unweighted sum, used for logging `*/loss`."""
-    return torch.stack([v.detach().float() for v in losses.values()]).sum()

@@ -39,8 +39,9 @@ def train(cfg: DictConfig) -> float:
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     # Lightning skips validation when max_steps ends training mid-epoch; the reported numbers must
-    # always describe the final weights, so validate them explicitly.
-    trainer.validate(module, datamodule=datamodule, verbose=False)
+    # always describe the final weights, so validate them unless that just happened.
+    if module.last_val_step != trainer.global_step or not module.last_val_metrics:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = dict(module.last_val_metrics)
     if cfg.monitor not in metrics:
         raise KeyError(f"monitor={cfg.monitor!r} was not computed; available: {sorted(metrics)}")

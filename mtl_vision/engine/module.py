@@ -54,6 +54,7 @@ class MultiTaskModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.no_weight_decay_1d = no_weight_decay_1d
         self.last_val_metrics: dict[str, float] = {}
+        self.last_val_step: int | None = None  # global step whose weights last_val_metrics describe
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:
         return self.model(image)
@@ -96,6 +97,7 @@ class MultiTaskModule(L.LightningModule):
         for key, value in results.items():
             self.log(key, value, sync_dist=False, rank_zero_only=False)
         self.last_val_metrics = results
+        self.last_val_step = None if self.trainer.sanity_checking else self.global_step
 
     def configure_optimizers(self) -> Any:
         params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
