@@ -76,6 +76,8 @@ def test_max_steps_mid_epoch_still_reports_final_weights(make_cfg, tmp_path):
     cfg = make_cfg(["trainer.max_steps=2", "trainer.max_epochs=5"])
     train(cfg)
     _check_metrics_file(tmp_path / "run")
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2
 
 
 def test_ddp_cpu_two_processes_one_run_directory(make_cfg, tmp_path):
