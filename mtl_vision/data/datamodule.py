@@ -1,0 +1,117 @@
+"""One LightningDataModule for every multi-task dataset.
+
+It builds the dataset of each split from a dataset factory (a `_partial_` config node), and
+carries the dataset's evaluation protocol (edge positive weight, boundary tolerance, the loss
+weights of the reference papers) so that losses, metrics and the fixed balancer read one source.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import lightning as L
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset
+
+from mtl_vision.tasks import check_tasks, get_task
+
+
+class MultiTaskDataModule(L.LightningDataModule):
+    """Args:
+        dataset: `dataset(split=..., tasks=...) -> Dataset` whose items are task dicts
+            ({"image": 3xHxW in [0,1], <task>: target, "meta": {...}}) and which exposes
+            `class_names: dict[task, list[str]]` for its class-map tasks.
+        tasks: the tasks to train, e.g. [semseg, depth, normals, edge].
+        train_split, val_split: split names passed to the factory.
+        batch_size: per-process training batch size; val_batch_size defaults to it.
+        num_workers: DataLoader workers per process.
+        edge_pos_weight: weight of boundary pixels in the edge loss (dataset protocol).
+        edge_tolerance: boundary matching tolerance as a fraction of the image diagonal.
+        loss_weights: the reference papers' per-task weights, used by `balancer=fixed`.
+    """
+
+    def __init__(
+        self,
+        *,
+        dataset: Callable[..., Dataset],
+        tasks: Sequence[str],
+        train_split: str = "train",
+        val_split: str = "val",
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        edge_pos_weight: float = 0.95,
+        edge_tolerance: float = 0.011,
+        loss_weights: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.dataset_factory = dataset
+        self.tasks = check_tasks(tasks, where="data.tasks")
+        self.train_split, self.val_split = train_split, val_split
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.edge_pos_weight = edge_pos_weight
+        self.edge_tolerance = edge_tolerance
+        self.loss_weights = dict(loss_weights or {})
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def _build(self, split: str) -> Dataset:
+        return self.dataset_factory(split=split, tasks=self.tasks)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.val_set is None:
+            self.val_set = self._build(self.val_split)
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = self._build(self.train_split)
+
+    @property
+    def class_names(self) -> dict[str, list[str]]:
+        """{task: class names} for the class-map tasks."""
+        self.setup("validate")
+        return {t: list(n) for t, n in getattr(self.val_set, "class_names", {}).items() if t in self.tasks}
+
+    @property
+    def task_channels(self) -> dict[str, int]:
+        """Output channels of each task's head."""
+        names = self.class_names
+        channels = {}
+        for task in self.tasks:
+            spec = get_task(task)
+            if spec.is_classification and task not in names:
+                raise ValueError(f"dataset {type(self.val_set).__name__} gives no class_names for task {task!r}")
+            channels[task] = spec.out_channels(len(names.get(task, ())) or None)
+        return channels
+
+    def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
+        sampler = None
+        trainer = self.trainer
+        if not train and trainer is not None and trainer.world_size > 1:
+            # Lightning's default DistributedSampler pads the split by repeating samples, which
+            # biases split-level metrics; each val sample must be seen exactly once over all ranks.
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.val_batch_size,
+            shuffle=train,
+            sampler=sampler,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup("validate")
+        return self._loader(self.val_set, train=False)
