@@ -18,7 +18,7 @@ from mtl_vision.tasks import check_tasks, get_task
 
 class MultiTaskDataModule(L.LightningDataModule):
     """Args:
-        dataset: `dataset(split=..., tasks=...) -> Dataset` whose items are task dicts
+        dataset: `dataset(split=..., tasks=..., transform=...) -> Dataset` whose items are task dicts
             ({"image": 3xHxW in [0,1], <task>: target, "meta": {...}}) and which exposes
             `class_names: dict[task, list[str]]` for its class-map tasks.
         tasks: the tasks to train, e.g. [semseg, depth, normals, edge].
@@ -28,6 +28,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         edge_pos_weight: weight of boundary pixels in the edge loss (dataset protocol).
         edge_tolerance: boundary matching tolerance as a fraction of the image diagonal.
         loss_weights: the reference papers' per-task weights, used by `balancer=fixed`.
+        train_transform, val_transform: joint transforms `sample -> sample` handed to the dataset
+            of each split (see `mtl_vision.data.transforms`); None = as stored.
     """
 
     def __init__(
@@ -44,6 +46,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         edge_pos_weight: float = 0.95,
         edge_tolerance: float = 0.011,
         loss_weights: Mapping[str, float] | None = None,
+        train_transform: Callable[[dict], dict] | None = None,
+        val_transform: Callable[[dict], dict] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -58,17 +62,15 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.edge_pos_weight = edge_pos_weight
         self.edge_tolerance = edge_tolerance
         self.loss_weights = dict(loss_weights or {})
+        self.train_transform, self.val_transform = train_transform, val_transform
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
-    def _build(self, split: str) -> Dataset:
-        return self.dataset_factory(split=split, tasks=self.tasks)
-
     def setup(self, stage: str | None = None) -> None:
         if self.val_set is None:
-            self.val_set = self._build(self.val_split)
+            self.val_set = self.dataset_factory(split=self.val_split, tasks=self.tasks, transform=self.val_transform)
         if stage in (None, "fit") and self.train_set is None:
-            self.train_set = self._build(self.train_split)
+            self.train_set = self.dataset_factory(split=self.train_split, tasks=self.tasks, transform=self.train_transform)
 
     @property
     def class_names(self) -> dict[str, list[str]]:

@@ -27,7 +27,7 @@ import functools
 import math
 import zlib
 from types import MappingProxyType
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -425,7 +425,8 @@ class SyntheticScenes(Dataset):
 
     def __init__(self, *, split: str, tasks: Sequence[str], height: int = 128, width: int = 160,
                  classes: Sequence[str] = CLASS_CATALOGUE, num_samples: Mapping[str, int] | int = DEFAULT_NUM_SAMPLES,
-                 seed: int = 0, figure_prob: float = 0.8, invalid_prob: float = 0.3) -> None:
+                 seed: int = 0, figure_prob: float = 0.8, invalid_prob: float = 0.3,
+                 transform: Callable[[dict], dict] | None = None) -> None:
         tasks, classes = list(tasks), list(classes)
         for arg, names, valid in (("tasks", tasks, TASK_NAMES), ("classes", classes, CLASS_CATALOGUE)):
             unknown = [name for name in names if name not in valid]
@@ -446,6 +447,7 @@ class SyntheticScenes(Dataset):
         self.split, self.tasks, self.classes = split, tasks, classes
         self.height, self.width, self.seed = height, width, seed
         self.figure_prob, self.invalid_prob = figure_prob, invalid_prob
+        self.transform = transform
         self._count, self._split_key = count, zlib.crc32(split.encode("utf-8"))
         names = {"semseg": list(classes), "human_parts": list(PART_NAMES)}
         self.class_names: dict[str, list[str]] = {task: names[task] for task in tasks if task in names}
@@ -485,4 +487,4 @@ class SyntheticScenes(Dataset):
             parts = lookup([r["part"] for r in tab]) if has_figure else np.full(prim.shape, IGNORE_INDEX, dtype=np.int64)
             out["human_parts"] = torch.from_numpy(parts)
         out["meta"] = {"index": index, "name": f"{self.split}_{index:06d}", "size": torch.tensor([self.height, self.width])}
-        return out
+        return self.transform(out) if self.transform is not None else out

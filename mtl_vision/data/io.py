@@ -1,0 +1,88 @@
+"""Reading dataset files with errors that name the file (and the sample id) that is wrong.
+
+Every loader goes through these readers, so a missing, unreadable or corrupt file always gives
+the same kind of message: `<dataset> <split>/<id>: <what> (<path>)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+
+class DataFileError(ValueError):
+    """A dataset file is missing, unreadable, corrupt or holds values outside the contract."""
+
+
+def _where(path: Path, sample: str | None) -> str:
+    return f"{sample}: {path}" if sample else str(path)
+
+
+def require_file(path: Path, *, sample: str | None = None) -> Path:
+    if not path.is_file():
+        raise DataFileError(f"missing file for {_where(path, sample)}")
+    return path
+
+
+def read_rgb(path: Path, *, sample: str | None = None) -> torch.Tensor:
+    """JPEG/PNG image -> float32 (3,H,W) RGB in [0,1]."""
+    array = read_pil(path, sample=sample, mode="RGB")
+    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+
+
+def read_pil(path: Path, *, sample: str | None = None, mode: str | None = None) -> np.ndarray:
+    """An image file as a numpy array (uint8 or uint16 as stored; converted to `mode` if given)."""
+    require_file(path, sample=sample)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if mode is not None and img.mode != mode:
+                img = img.convert(mode)
+            return np.array(img)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DataFileError(f"unreadable or corrupt image for {_where(path, sample)}: {err}") from err
+
+
+def read_npy(path: Path, *, sample: str | None = None) -> np.ndarray:
+    require_file(path, sample=sample)
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataFileError(f"unreadable or corrupt .npy for {_where(path, sample)}: {err}") from err
+
+
+def read_mat(path: Path, *, sample: str | None = None) -> dict:
+    """A MATLAB .mat file (v5) as scipy.io.loadmat's dict."""
+    from scipy.io import loadmat  # scipy.io is slow to import; only PASCAL needs it
+
+    require_file(path, sample=sample)
+    try:
+        return loadmat(str(path))
+    except (ValueError, OSError, TypeError, NotImplementedError) as err:
+        raise DataFileError(f"unreadable or corrupt .mat for {_where(path, sample)}: {err}") from err
+
+
+def read_ids(path: Path) -> list[str]:
+    """A split file: one sample id per line (blank lines ignored)."""
+    require_file(path)
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DataFileError(f"split file {path} lists no sample ids")
+    return ids
+
+
+def check_size(name: str, array_hw: tuple[int, int], image_hw: tuple[int, int], *, path: Path, sample: str) -> None:
+    if tuple(array_hw) != tuple(image_hw):
+        raise DataFileError(
+            f"{sample}: {name} size {tuple(array_hw)} (HxW) does not match the image size {tuple(image_hw)} ({path})"
+        )
+
+
+def check_labels(labels: np.ndarray, num_classes: int, *, path: Path, sample: str, ignore: int = 255) -> None:
+    bad = (labels != ignore) & ((labels < 0) | (labels >= num_classes))
+    if bad.any():
+        value = int(labels[bad].flat[0])
+        raise DataFileError(f"{sample}: label value {value} outside [0, {num_classes}) or {ignore} in {path}")

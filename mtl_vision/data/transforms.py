@@ -1,0 +1,205 @@
+"""Joint transforms: one geometry for the image and every target of a sample.
+
+Training (as the dense multi-task references, MTI-Net / InvPT): random scaling, random crop with
+padding, horizontal flip, photometric jitter on the image only. Class maps use nearest
+interpolation; depth and normals use a masked bilinear resize that averages valid pixels only, so
+valid and invalid geometry never mix; normals are renormalised and a flip negates their x
+component. Padding uses the ignore value (255) for class maps, boundaries and saliency and the
+invalid value (0) for depth and normals, so padded pixels never count in losses or metrics.
+Validation pads to a fixed size the same way, which makes every metric equal to the metric on the
+original-size region, as the reference protocols compute it.
+
+Images stay RGB in [0,1]; the model applies the backbone's normalisation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.transforms.v2 import functional as TF
+
+IGNORE_INDEX = 255
+CLASS_MAPS = ("semseg", "human_parts")
+BINARY_MAPS = ("edge", "saliency")
+GEOMETRY = ("depth", "normals")
+
+
+def _resize_nearest(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """(H,W) or (C,H,W) map, any dtype."""
+    squeeze = x.dim() == 2
+    y = x[None, None] if squeeze else x[None]
+    y = F.interpolate(y.float(), size=size, mode="nearest").to(x.dtype)
+    return y[0, 0] if squeeze else y[0]
+
+
+def _resize_geometry(x: Tensor, size: tuple[int, int], *, unit: bool) -> Tensor:
+    """Masked bilinear: average only valid neighbours; a pixel stays valid where most weight is valid."""
+    valid = (x.abs().sum(dim=0, keepdim=True) > 0).float()
+    num = F.interpolate((x * valid)[None], size=size, mode="bilinear", align_corners=False)[0]
+    den = F.interpolate(valid[None], size=size, mode="bilinear", align_corners=False)[0]
+    out = torch.where(den > 0.5, num / den.clamp(min=1e-6), torch.zeros_like(num))
+    if unit:
+        out = F.normalize(out, dim=0, eps=1e-6)
+    return out
+
+
+def resize_sample(sample: dict[str, Any], size: tuple[int, int]) -> dict[str, Any]:
+    """Resize the image and every target of a sample to `size` = (H, W)."""
+    out = dict(sample)
+    out["image"] = F.interpolate(sample["image"][None], size=size, mode="bilinear", align_corners=False)[0].clamp_(0, 1)
+    for task in CLASS_MAPS + BINARY_MAPS:
+        if task in sample:
+            out[task] = _resize_nearest(sample[task], size)
+    if "depth" in sample:
+        out["depth"] = _resize_geometry(sample["depth"], size, unit=False)
+    if "normals" in sample:
+        out["normals"] = _resize_geometry(sample["normals"], size, unit=True)
+    return out
+
+
+def _fill(task: str) -> float:
+    return 0.0 if task in GEOMETRY else IGNORE_INDEX
+
+
+def pad_sample(sample: dict[str, Any], size: tuple[int, int], *, top: int = 0, left: int = 0) -> dict[str, Any]:
+    """Pad every map to `size` with the image at (top, left); image padding is black."""
+    h, w = sample["image"].shape[-2:]
+    ph, pw = size
+    if h + top > ph or w + left > pw:
+        raise ValueError(f"cannot pad a {h}x{w} sample to {ph}x{pw} at offset ({top}, {left})")
+    pads = (left, pw - w - left, top, ph - h - top)
+    out = dict(sample)
+    out["image"] = F.pad(sample["image"], pads, value=0.0)
+    for task in CLASS_MAPS + BINARY_MAPS + GEOMETRY:
+        if task in sample:
+            target = sample[task]
+            out[task] = F.pad(target[None] if target.dim() == 2 else target, pads, value=_fill(task))
+            if target.dim() == 2:
+                out[task] = out[task][0]
+    return out
+
+
+def crop_sample(sample: dict[str, Any], top: int, left: int, size: tuple[int, int]) -> dict[str, Any]:
+    out = dict(sample)
+    for key in ("image", *CLASS_MAPS, *BINARY_MAPS, *GEOMETRY):
+        if key in sample:
+            out[key] = sample[key][..., top : top + size[0], left : left + size[1]]
+    return out
+
+
+def flip_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """Horizontal flip; the normals' x component changes sign (camera-frame normals)."""
+    out = dict(sample)
+    for key in ("image", *CLASS_MAPS, *BINARY_MAPS, *GEOMETRY):
+        if key in sample:
+            out[key] = sample[key].flip(-1)
+    if "normals" in sample:
+        normals = out["normals"].clone()
+        normals[0] = -normals[0]
+        out["normals"] = normals
+    return out
+
+
+def _check_size(size: Sequence[int], name: str) -> tuple[int, int]:
+    size = tuple(int(s) for s in size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"{name} must be [height, width] with positive values, got {list(size)}")
+    return size
+
+
+class TrainTransform:
+    """Random scale, random crop (padding where the scaled sample is smaller), flip, jitter.
+
+    Args:
+        crop_size: [height, width] of the training crops.
+        scale_range: [min, max] random scale factor (InvPT and MTI-Net use 0.5-2.0).
+        flip_prob: probability of a horizontal flip.
+        brightness, contrast, saturation: maximal relative jitter (0 disables); hue: maximal shift.
+    """
+
+    def __init__(
+        self,
+        *,
+        crop_size: Sequence[int],
+        scale_range: Sequence[float] = (0.5, 2.0),
+        flip_prob: float = 0.5,
+        brightness: float = 0.25,
+        contrast: float = 0.25,
+        saturation: float = 0.25,
+        hue: float = 0.05,
+    ) -> None:
+        self.crop_size = _check_size(crop_size, "crop_size")
+        lo, hi = (float(s) for s in scale_range)
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale_range must be [min, max] with 0 < min <= max, got {list(scale_range)}")
+        self.scale_range = (lo, hi)
+        self.flip_prob = flip_prob
+        self.jitter = (brightness, contrast, saturation, hue)
+
+    def _uniform(self, lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand(()))
+
+    def _photometric(self, image: Tensor) -> Tensor:
+        brightness, contrast, saturation, hue = self.jitter
+        ops = []
+        if brightness > 0:
+            ops.append(lambda x: TF.adjust_brightness(x, self._uniform(1 - brightness, 1 + brightness)))
+        if contrast > 0:
+            ops.append(lambda x: TF.adjust_contrast(x, self._uniform(1 - contrast, 1 + contrast)))
+        if saturation > 0:
+            ops.append(lambda x: TF.adjust_saturation(x, self._uniform(1 - saturation, 1 + saturation)))
+        if hue > 0:
+            ops.append(lambda x: TF.adjust_hue(x, self._uniform(-hue, hue)))
+        for i in torch.randperm(len(ops)).tolist():
+            image = ops[i](image)
+        return image.clamp(0, 1)
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        # Jitter first, so that padding stays black whatever the contrast and hue draws.
+        sample = dict(sample, image=self._photometric(sample["image"]))
+        h, w = sample["image"].shape[-2:]
+        scale = self._uniform(*self.scale_range)
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        if size != (h, w):
+            sample = resize_sample(sample, size)
+        ch, cw = self.crop_size
+        ph, pw = max(ch, size[0]), max(cw, size[1])
+        if (ph, pw) != size:
+            # Pad at a random offset so the padding is not always bottom-right.
+            top = int(torch.randint(0, ph - size[0] + 1, ()))
+            left = int(torch.randint(0, pw - size[1] + 1, ()))
+            sample = pad_sample(sample, (ph, pw), top=top, left=left)
+        h, w = sample["image"].shape[-2:]
+        top, left = int(torch.randint(0, h - ch + 1, ())), int(torch.randint(0, w - cw + 1, ()))
+        sample = crop_sample(sample, top, left, (ch, cw))
+        if float(torch.rand(())) < self.flip_prob:
+            sample = flip_sample(sample)
+        return sample
+
+
+class ValTransform:
+    """Pad to a fixed size (bottom and right) with ignore/invalid values; never resizes.
+
+    Args:
+        size: [height, width]; every validation image must fit (NYUD 448x576 or 480x640 by
+            layout, PASCAL 512x512).
+    """
+
+    def __init__(self, *, size: Sequence[int]) -> None:
+        self.size = _check_size(size, "size")
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        h, w = sample["image"].shape[-2:]
+        if h > self.size[0] or w > self.size[1]:
+            name = sample.get("meta", {}).get("name", "?")
+            raise ValueError(
+                f"validation sample {name} is {h}x{w}, larger than the padded size {self.size[0]}x{self.size[1]}; "
+                "set data.crop_size to at least the image size"
+            )
+        return pad_sample(sample, self.size)
+
+
+__all__ = ["TrainTransform", "ValTransform", "resize_sample", "pad_sample", "crop_sample", "flip_sample"]
