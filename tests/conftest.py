@@ -15,16 +15,9 @@ from omegaconf import DictConfig, open_dict
 from mtl_vision.cli import CONFIG_DIR
 
 # Small, fast settings that keep the real code paths: tiny timm model, tiny images, few samples.
-TINY = [
-    "backbone=test_resnet",
-    "data.dataset.height=64",
-    "data.dataset.width=80",
-    "data.dataset.num_samples={train:16,val:6}",
-    "data.batch_size=4",
-    "data.val_batch_size=4",
-    "data.num_workers=0",
-    "decoder.channels=16",
-]
+TINY_MODEL = ["backbone=test_resnet", "data.batch_size=4", "data.val_batch_size=4", "data.num_workers=0", "decoder.channels=16"]
+TINY_SYNTHETIC = ["data.dataset.height=64", "data.dataset.width=80", "data.dataset.num_samples={train:16,val:6}"]
+TINY = TINY_MODEL + TINY_SYNTHETIC
 
 
 def config_groups() -> dict[str, list[str]]:
@@ -51,10 +44,12 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     def _make(overrides: Sequence[str] = (), *, tiny: bool = True, run_dir: Path | None = None) -> DictConfig:
         GlobalHydra.instance().clear()
         out = run_dir or tmp_path / "run"
+        synthetic = not any(o.startswith("data=") and o != "data=synthetic" for o in overrides)
+        tiny_overrides = (TINY if synthetic else TINY_MODEL) if tiny else []
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(
                 config_name="train",
-                overrides=[*(TINY if tiny else []), *overrides, f"hydra.run.dir={out}", f"paths.log_dir={tmp_path / 'logs'}"],
+                overrides=[*tiny_overrides, *overrides, f"hydra.run.dir={out}", f"paths.log_dir={tmp_path / 'logs'}"],
                 return_hydra_config=True,
             )
         HydraConfig().set_config(cfg)

@@ -95,5 +95,6 @@ def test_argument_and_size_errors():
         TrainTransform(crop_size=[32])
     with pytest.raises(ValueError, match="scale_range"):
         TrainTransform(crop_size=[32, 32], scale_range=[2.0, 1.0])
-    with pytest.raises(ValueError, match="larger than the padded size"):
-        ValTransform(size=[32, 32])(_sample())
+    big = _sample()
+    assert ValTransform(size=[32, 32])(big)["image"].shape == (3, 48, 64), "never crops or resizes"
+    assert ValTransform(size=[32, 80])(big)["semseg"].shape == (48, 80)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable, Mapping, Sequence
 
 import lightning as L
+import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
@@ -30,6 +31,10 @@ class MultiTaskDataModule(L.LightningDataModule):
         loss_weights: the reference papers' per-task weights, used by `balancer=fixed`.
         train_transform, val_transform: joint transforms `sample -> sample` handed to the dataset
             of each split (see `mtl_vision.data.transforms`); None = as stored.
+        root: the dataset folder, handed to the dataset factory (None for generated data).
+        layout: on-disk layout to force (e.g. NYUD `nyud_mt`, `nyudv2`, `mtan`); None = detect.
+        crop_size: [height, width] of training crops and padded validation images, read by the
+            transforms' config; kept here as part of the dataset protocol.
     """
 
     def __init__(
@@ -42,12 +47,15 @@ class MultiTaskDataModule(L.LightningDataModule):
         batch_size: int = 8,
         val_batch_size: int | None = None,
         num_workers: int = 2,
-        pin_memory: bool = False,
+        pin_memory: bool = True,
         edge_pos_weight: float = 0.95,
         edge_tolerance: float = 0.011,
         loss_weights: Mapping[str, float] | None = None,
         train_transform: Callable[[dict], dict] | None = None,
         val_transform: Callable[[dict], dict] | None = None,
+        root: str | None = None,
+        layout: str | None = None,
+        crop_size: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -63,14 +71,21 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.edge_tolerance = edge_tolerance
         self.loss_weights = dict(loss_weights or {})
         self.train_transform, self.val_transform = train_transform, val_transform
+        # Only what is set reaches the factory, so datasets without a root or layout need not take one.
+        self.dataset_kwargs = {k: v for k, v in (("root", root), ("layout", layout)) if v is not None}
+        self.crop_size = list(crop_size) if crop_size is not None else None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
+    def build_split(self, split: str, *, transform: Callable[[dict], dict] | None = None) -> Dataset:
+        """The dataset of one split, as configured (used by setup and by `mtl-data check`)."""
+        return self.dataset_factory(split=split, tasks=self.tasks, transform=transform, **self.dataset_kwargs)
+
     def setup(self, stage: str | None = None) -> None:
         if self.val_set is None:
-            self.val_set = self.dataset_factory(split=self.val_split, tasks=self.tasks, transform=self.val_transform)
+            self.val_set = self.build_split(self.val_split, transform=self.val_transform)
         if stage in (None, "fit") and self.train_set is None:
-            self.train_set = self.dataset_factory(split=self.train_split, tasks=self.tasks, transform=self.train_transform)
+            self.train_set = self.build_split(self.train_split, transform=self.train_transform)
 
     @property
     def class_names(self) -> dict[str, list[str]]:
@@ -106,7 +121,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )
 
