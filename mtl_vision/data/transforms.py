@@ -35,28 +35,34 @@ def _resize_nearest(x: Tensor, size: tuple[int, int]) -> Tensor:
     return y[0, 0] if squeeze else y[0]
 
 
-def _resize_geometry(x: Tensor, size: tuple[int, int], *, unit: bool) -> Tensor:
-    """Masked bilinear: average only valid neighbours; a pixel stays valid where most weight is valid."""
-    valid = (x.abs().sum(dim=0, keepdim=True) > 0).float()
-    num = F.interpolate((x * valid)[None], size=size, mode="bilinear", align_corners=False)[0]
-    den = F.interpolate(valid[None], size=size, mode="bilinear", align_corners=False)[0]
-    out = torch.where(den > 0.5, num / den.clamp(min=1e-6), torch.zeros_like(num))
-    if unit:
-        out = F.normalize(out, dim=0, eps=1e-6)
-    return out
-
-
 def resize_sample(sample: dict[str, Any], size: tuple[int, int]) -> dict[str, Any]:
-    """Resize the image and every target of a sample to `size` = (H, W)."""
+    """Resize the image and every target of a sample to `size` = (H, W).
+
+    The image and the masked geometry (values times validity, and the validity itself) go through
+    one bilinear call, about twice as fast on one CPU thread as one call each;
+    a geometry pixel stays valid where most of its interpolation weight came from valid pixels,
+    and its value is the average of those valid pixels only.
+    """
     out = dict(sample)
-    out["image"] = F.interpolate(sample["image"][None], size=size, mode="bilinear", align_corners=False)[0].clamp_(0, 1)
+    planes, slices = [sample["image"]], {}
+    for task in GEOMETRY:
+        if task in sample:
+            valid = (sample[task].abs().sum(dim=0, keepdim=True) > 0).to(sample[task].dtype)
+            start = sum(p.shape[0] for p in planes)
+            planes += [sample[task] * valid, valid]
+            slices[task] = (start, start + sample[task].shape[0])
+    resized = F.interpolate(torch.cat(planes)[None], size=size, mode="bilinear", align_corners=False)[0]
+    out["image"] = resized[:3].clamp_(0, 1)
+    for task, (a, b) in slices.items():
+        num, den = resized[a:b], resized[b : b + 1]
+        value = torch.where(den > 0.5, num / den.clamp(min=1e-6), torch.zeros_like(num))
+        if task == "normals":
+            # Written out: F.normalize over dim 0 of a (3,H,W) map is ~50x slower on one CPU thread.
+            value = value / (value * value).sum(dim=0, keepdim=True).sqrt().clamp(min=1e-6)
+        out[task] = value
     for task in CLASS_MAPS + BINARY_MAPS:
         if task in sample:
             out[task] = _resize_nearest(sample[task], size)
-    if "depth" in sample:
-        out["depth"] = _resize_geometry(sample["depth"], size, unit=False)
-    if "normals" in sample:
-        out["normals"] = _resize_geometry(sample["normals"], size, unit=True)
     return out
 
 
@@ -142,6 +148,10 @@ class TrainTransform:
     def _uniform(self, lo: float, hi: float) -> float:
         return lo + (hi - lo) * float(torch.rand(()))
 
+    def _randint(self, lo: int, hi: int) -> int:
+        """Uniform integer in [lo, hi]."""
+        return lo + int(torch.randint(0, hi - lo + 1, ()))
+
     def _photometric(self, image: Tensor) -> Tensor:
         brightness, contrast, saturation, hue = self.jitter
         ops = []
@@ -152,7 +162,7 @@ class TrainTransform:
         if saturation > 0:
             ops.append(lambda x: TF.adjust_saturation(x, self._uniform(1 - saturation, 1 + saturation)))
         if hue > 0:
-            ops.append(lambda x: TF.adjust_hue(x, self._uniform(-hue, hue)))
+            ops.append(lambda x: _rotate_hue(x, self._uniform(-hue, hue)))
         for i in torch.randperm(len(ops)).tolist():
             image = ops[i](image)
         return image.clamp(0, 1)
@@ -161,23 +171,35 @@ class TrainTransform:
         # Jitter first, so that padding stays black whatever the contrast and hue draws.
         sample = dict(sample, image=self._photometric(sample["image"]))
         h, w = sample["image"].shape[-2:]
-        scale = self._uniform(*self.scale_range)
-        size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        if size != (h, w):
-            sample = resize_sample(sample, size)
         ch, cw = self.crop_size
-        ph, pw = max(ch, size[0]), max(cw, size[1])
-        if (ph, pw) != size:
-            # Pad at a random offset so the padding is not always bottom-right.
-            top = int(torch.randint(0, ph - size[0] + 1, ()))
-            left = int(torch.randint(0, pw - size[1] + 1, ()))
-            sample = pad_sample(sample, (ph, pw), top=top, left=left)
-        h, w = sample["image"].shape[-2:]
-        top, left = int(torch.randint(0, h - ch + 1, ())), int(torch.randint(0, w - cw + 1, ()))
-        sample = crop_sample(sample, top, left, (ch, cw))
+        scale = self._uniform(*self.scale_range)
+        # The crop of the scaled image, in source pixels; where it leaves the image it is padding.
+        rh, rw = max(1, round(ch / scale)), max(1, round(cw / scale))
+        top, left = self._randint(min(0, h - rh), max(0, h - rh)), self._randint(min(0, w - rw), max(0, w - rw))
+        y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + rh, h), min(left + rw, w)
+        sample = crop_sample(sample, y0, x0, (y1 - y0, x1 - x0))
+        # Only the part inside the image is resized (cost bounded by the crop size), then padded.
+        size = (min(ch, max(1, round((y1 - y0) * ch / rh))), min(cw, max(1, round((x1 - x0) * cw / rw))))
+        if size != (y1 - y0, x1 - x0):
+            sample = resize_sample(sample, size)
+        if size != (ch, cw):
+            off_y = min(round((y0 - top) * ch / rh), ch - size[0])
+            off_x = min(round((x0 - left) * cw / rw), cw - size[1])
+            sample = pad_sample(sample, (ch, cw), top=off_y, left=off_x)
         if float(torch.rand(())) < self.flip_prob:
             sample = flip_sample(sample)
         return sample
+
+
+def _rotate_hue(image: Tensor, shift: float) -> Tensor:
+    """Hue shift by `shift` turns as a rotation of the chroma plane in YIQ space (a linear map,
+    ~20x cheaper than an RGB->HSV->RGB round trip and the usual fast approximation)."""
+    angle = 2.0 * torch.pi * shift
+    cos, sin = float(torch.cos(torch.tensor(angle))), float(torch.sin(torch.tensor(angle)))
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    rotate = torch.tensor([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
+    matrix = torch.linalg.inv(to_yiq) @ rotate @ to_yiq
+    return torch.einsum("ij,jhw->ihw", matrix.to(image.dtype), image)
 
 
 class ValTransform:
