@@ -6,6 +6,7 @@ the same kind of message: `<dataset> <split>/<id>: <what> (<path>)`.
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,8 @@ def require_file(path: Path, *, sample: str | None = None) -> Path:
 def read_rgb(path: Path, *, sample: str | None = None) -> torch.Tensor:
     """JPEG/PNG image -> float32 (3,H,W) RGB in [0,1]."""
     array = read_pil(path, sample=sample, mode="RGB")
-    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+    # numpy's transpose + cast is ~3x faster than torch's permute().float() on one thread.
+    return torch.from_numpy(array.transpose(2, 0, 1).astype(np.float32)).div_(255.0)
 
 
 def read_pil(path: Path, *, sample: str | None = None, mode: str | None = None) -> np.ndarray:
@@ -57,11 +59,12 @@ def read_npy(path: Path, *, sample: str | None = None) -> np.ndarray:
 def read_mat(path: Path, *, sample: str | None = None) -> dict:
     """A MATLAB .mat file (v5) as scipy.io.loadmat's dict."""
     from scipy.io import loadmat  # scipy.io is slow to import; only PASCAL needs it
+    from scipy.io.matlab import MatReadError
 
     require_file(path, sample=sample)
     try:
         return loadmat(str(path))
-    except (ValueError, OSError, TypeError, NotImplementedError) as err:
+    except (ValueError, OSError, TypeError, NotImplementedError, MatReadError, zlib.error) as err:
         raise DataFileError(f"unreadable or corrupt .mat for {_where(path, sample)}: {err}") from err
 
 
