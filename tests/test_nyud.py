@@ -142,7 +142,7 @@ def test_transform_is_applied_last_and_check_counts(roots):
 
     ds = NYUDv2(root=roots["nyudv2"], split="train", tasks=["semseg", "edge"], transform=transform)
     assert ds[0]["seen"] is True
-    assert ds.check() == {"image": N, "semseg": N, "edge": N}
+    assert ds.check() == {"samples": N, "semseg": N, "edge": N}
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -158,7 +158,7 @@ def test_read_only_root(copy_of, layout):
         for p in modes:
             p.chmod(modes[p] & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
         ds = NYUDv2(root=root, split="val", tasks=tasks_of(layout))
-        assert ds.check()["image"] == N
+        assert ds.check()["samples"] == N
         ds[0]
     finally:
         for p, mode in sorted(modes.items(), key=lambda kv: len(kv[0].parts)):

@@ -35,7 +35,7 @@ def check(overrides: Sequence[str]) -> dict[str, dict[str, int]]:
     counts: dict[str, dict[str, int]] = {}
     for split in dict.fromkeys([datamodule.train_split, datamodule.val_split]):
         dataset = datamodule.build_split(split)
-        counts[split] = {"samples": len(dataset), **dataset.check()}
+        counts[split] = dataset.check()
     return counts
 
 

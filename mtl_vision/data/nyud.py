@@ -326,12 +326,14 @@ class NYUDv2(Dataset):
 
     def check(self) -> dict[str, int]:
         """Read and validate every sample of the split (raising the first error found);
-        returns the number of valid files per key (image and each task)."""
-        counts = dict.fromkeys(["image", *self.tasks], 0)
+        returns {"samples": readable samples, <task>: samples with that task's file}, the same
+        keys as every dataset's check() so `mtl-data check` prints one table."""
+        counts = dict.fromkeys(["samples", *self.tasks], 0)
         for index in range(len(self)):
             sample = self._load(index)
-            for key in counts:
-                counts[key] += key in sample
+            counts["samples"] += 1
+            for task in self.tasks:
+                counts[task] += task in sample
         return counts
 
     def __repr__(self) -> str:
