@@ -38,6 +38,11 @@ def train(cfg: DictConfig) -> float:
         log.info("tasks %s, output channels %s; run directory %s", datamodule.tasks, datamodule.task_channels, output_dir)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and checkpoint.save_last and checkpoint.dirpath:
+        # Lightning leaves last.ckpt at the previous validation when max_steps ends training on
+        # an epoch boundary; the last checkpoint must hold the final weights.
+        trainer.save_checkpoint(Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}")
     # Lightning skips validation when max_steps ends training mid-epoch; the reported numbers must
     # always describe the final weights, so validate them unless that just happened.
     if module.last_val_step != trainer.global_step or not module.last_val_metrics:
