@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE_INDEX = 255
+from mtl_vision.constants import IGNORE_INDEX
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:

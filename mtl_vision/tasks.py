@@ -17,6 +17,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from mtl_vision import losses, viz
+from mtl_vision.constants import IGNORE_INDEX
 from mtl_vision.metrics import (
     DepthMetrics,
     EdgeApproxMetrics,
@@ -24,8 +25,6 @@ from mtl_vision.metrics import (
     SaliencyMetrics,
     SegmentationMetrics,
 )
-
-IGNORE_INDEX = 255
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = 255
+from mtl_vision.constants import IGNORE_INDEX
 
 
 def _voc_palette(n: int = 256) -> Tensor:

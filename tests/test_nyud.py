@@ -3,7 +3,6 @@ against the files as written, layout detection, read-only roots, and the error f
 
 from __future__ import annotations
 
-import os
 import shutil
 import stat
 from pathlib import Path

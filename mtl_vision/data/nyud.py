@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mtl_vision.constants import IGNORE_INDEX
 from mtl_vision.data.io import DataFileError, check_size, read_ids, read_npy, read_pil, read_rgb
 
 SUPPORTED_TASKS = ("semseg", "depth", "normals", "edge")
 LAYOUTS = ("nyud_mt", "nyudv2", "mtan")
-IGNORE_INDEX = 255
 MIN_NORMAL_LENGTH = 0.5  # shorter vectors are invalid: zero vectors, and mid-grey (the 8-bit PNG "zero")
 
 # task -> (folder, extension); NYUD folders are under the root, MTAN folders under <root>/<split>.

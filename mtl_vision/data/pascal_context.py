@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mtl_vision.constants import IGNORE_INDEX
 from mtl_vision.data.io import DataFileError, check_labels, check_size, read_ids, read_mat, read_pil, read_rgb
 
 TASK_NAMES = ("semseg", "human_parts", "normals", "saliency", "edge")
 NUM_CONTEXT_IDS = 459  # LabelMap values are 0 (unlabelled) .. 459
-IGNORE_INDEX = 255
 PERSON_CLASS_IND = 15  # PASCAL VOC / PASCAL-Part class index of "person"
 _DECODE_NORMAL = (np.arange(256) * (2 / 255) - 1).astype(np.float32)
 LAYOUT = """\

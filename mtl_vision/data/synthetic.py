@@ -33,11 +33,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mtl_vision.constants import IGNORE_INDEX
+
 CLASS_CATALOGUE = ("floor", "wall", "box", "sphere", "cylinder", "person")
 PART_NAMES = ("background", "head", "torso", "upper_arms", "lower_arms", "upper_legs", "lower_legs")
 TASK_NAMES = ("semseg", "depth", "normals", "edge", "saliency", "human_parts")
 DEFAULT_NUM_SAMPLES: Mapping[str, int] = MappingProxyType({"train": 4000, "val": 256})
-IGNORE_INDEX = 255
 EDGE_DEPTH_JUMP = 0.05  # relative depth step between two primitives that counts as a boundary
 
 _F32 = np.float32

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-IGNORE_INDEX = 255
+from mtl_vision.constants import IGNORE_INDEX
+
 CLASS_MAPS = ("semseg", "human_parts")
 BINARY_MAPS = ("edge", "saliency")
 GEOMETRY = ("depth", "normals")

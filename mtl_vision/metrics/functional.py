@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mtl_vision.constants import IGNORE_INDEX as IGNORE_LABEL
+
 __all__ = ["depth_errors", "max_f", "miou", "normal_errors", "ods_f_approx"]
 
 # Depth predictions are clamped to this before log / ratio terms (and, as in the
@@ -41,7 +43,6 @@ SALIENCY_BETA_SQUARED = 0.3
 # Edge: 99 thresholds k/100, k = 1..99, like the BSDS ``edgesEvalImg`` default.
 EDGE_NUM_THRESHOLDS = 99
 # Label used for "don't care" pixels in saliency / edge targets.
-IGNORE_LABEL = 255
 
 
 # --------------------------------------------------------------------------- #
