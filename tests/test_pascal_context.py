@@ -33,7 +33,7 @@ ALL = list(TASK_NAMES)
 
 @pytest.fixture(scope="module")
 def fixture_root(tmp_path_factory) -> Path:
-    return write_pascal_fixture(tmp_path_factory.mktemp("pascal") / "PASCAL_MT", n=6)
+    return write_pascal_fixture(tmp_path_factory.mktemp("pascal") / "PASCAL_MT", n=3)
 
 
 @pytest.fixture

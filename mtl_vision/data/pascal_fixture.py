@@ -139,7 +139,9 @@ def _borders(labels: np.ndarray) -> np.ndarray:
 
 
 def write_pascal_fixture(out: str | Path, *, n: int = 4, seed: int = 0, height: int = 96, width: int = 128) -> Path:
-    """Write `n` samples in the PASCAL_MT layout under `out` (created) and return `out`."""
+    """Write `n` train and `n` val samples in the PASCAL_MT layout under `out` (created); return `out`.
+
+    Ids alternate between the splits (even: train, odd: val), as the real ids interleave."""
     if n < 1:
         raise ValueError(f"n: expected at least one sample, got {n}")
     root = Path(out)
@@ -148,14 +150,14 @@ def write_pascal_fixture(out: str | Path, *, n: int = 4, seed: int = 0, height: 
     for folder in folders:
         (root / folder).mkdir(parents=True, exist_ok=True)
     tasks = ["semseg", "normals", "saliency", "human_parts"]
-    scenes = {figure: SyntheticScenes(split="train", tasks=tasks, height=height, width=width, num_samples=n,
+    scenes = {figure: SyntheticScenes(split="train", tasks=tasks, height=height, width=width, num_samples=2 * n,
                                       seed=seed, figure_prob=float(figure), invalid_prob=0.0) for figure in (0, 1)}
     voc = np.array([CLASS_MAP[c][0] for c in CLASS_CATALOGUE], dtype=np.uint8)
     context = np.array([CLASS_MAP[c][2] for c in CLASS_CATALOGUE], dtype=np.uint16)
     palette = _voc_palette()
     from scipy.io import savemat  # slow import; only the fixture writes .mat files
     splits: dict[str, list[str]] = {"train": [], "val": []}
-    for i in range(n):
+    for i in range(2 * n):
         name = f"2008_{i:06d}"
         splits["train" if i % 2 == 0 else "val"].append(name)
         sample = scenes[1 if (i // 2) % 2 == 0 else 0][i]
