@@ -107,3 +107,14 @@ def test_ddp_cpu_two_processes_one_run_directory(make_cfg, tmp_path):
     single = module.last_val_metrics
     for key, value in ddp_metrics.items():
         assert single[key] == pytest.approx(value, rel=1e-4, abs=1e-4), key
+
+
+def test_console_script_runs(tmp_path):
+    script = Path(sys.executable).with_name("mtl-train")
+    if not script.is_file():
+        pytest.skip(f"mtl-train is not installed next to {sys.executable}")
+    cmd = [str(script), "debug=fast", *TINY, f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    _check_metrics_file(tmp_path / "run")
+    assert "semseg" in proc.stdout, "the metric table is printed"
