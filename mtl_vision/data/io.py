@@ -22,6 +22,13 @@ def _where(path: Path, sample: str | None) -> str:
     return f"{sample}: {path}" if sample else str(path)
 
 
+def sample_index(index: int, count: int, split: str) -> int:
+    """A dataset index in [-count, count) as a non-negative int; IndexError names the split."""
+    if not -count <= index < count:
+        raise IndexError(f"index {index} out of range for {count} {split!r} samples")
+    return int(index) % count
+
+
 def require_file(path: Path, *, sample: str | None = None) -> Path:
     if not path.is_file():
         raise DataFileError(f"missing file for {_where(path, sample)}")

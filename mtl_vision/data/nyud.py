@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mtl_vision.constants import IGNORE_INDEX
-from mtl_vision.data.io import DataFileError, check_size, read_ids, read_npy, read_pil, read_rgb
+from mtl_vision.data.io import DataFileError, check_size, read_ids, read_npy, read_pil, read_rgb, sample_index
 
 SUPPORTED_TASKS = ("semseg", "depth", "normals", "edge")
 LAYOUTS = ("nyud_mt", "nyudv2", "mtan")
@@ -303,9 +303,7 @@ class NYUDv2(Dataset):
         return self._base / folder / f"{self.ids[index]}{ext}"
 
     def _load(self, index: int) -> dict:
-        if not -len(self.ids) <= index < len(self.ids):
-            raise IndexError(f"index {index} out of range for {len(self.ids)} {self.split!r} samples")
-        index = int(index) % len(self.ids)
+        index = sample_index(index, len(self.ids), self.split)
         name = self.ids[index]
         sample = f"NYUD-v2 ({self.layout}) {self.split}/{name}"
         path = self.path("image", index)

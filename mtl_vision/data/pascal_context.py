@@ -30,7 +30,16 @@ import torch
 from torch.utils.data import Dataset
 
 from mtl_vision.constants import IGNORE_INDEX
-from mtl_vision.data.io import DataFileError, check_labels, check_size, read_ids, read_mat, read_pil, read_rgb
+from mtl_vision.data.io import (
+    DataFileError,
+    check_labels,
+    check_size,
+    read_ids,
+    read_mat,
+    read_pil,
+    read_rgb,
+    sample_index,
+)
 
 TASK_NAMES = ("semseg", "human_parts", "normals", "saliency", "edge")
 NUM_CONTEXT_IDS = 459  # LabelMap values are 0 (unlabelled) .. 459
@@ -195,9 +204,7 @@ class PascalContext(Dataset):
         return counts
 
     def _load(self, index: int) -> dict:
-        if not -len(self.ids) <= index < len(self.ids):
-            raise IndexError(f"index {index} out of range for {len(self.ids)} {self.split!r} samples")
-        index = int(index) % len(self.ids)
+        index = sample_index(index, len(self.ids), self.split)
         name = self.ids[index]
         where = f"PASCAL-Context {self.split}/{name}"
         root = self.root

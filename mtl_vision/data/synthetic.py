@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mtl_vision.constants import IGNORE_INDEX
+from mtl_vision.data.io import sample_index
 
 CLASS_CATALOGUE = ("floor", "wall", "box", "sphere", "cylinder", "person")
 PART_NAMES = ("background", "head", "torso", "upper_arms", "lower_arms", "upper_legs", "lower_legs")
@@ -457,9 +458,7 @@ class SyntheticScenes(Dataset):
         return self._count
 
     def __getitem__(self, index: int) -> dict:
-        if not -self._count <= index < self._count:
-            raise IndexError(f"index {index} out of range for {self._count} {self.split!r} samples")
-        index = int(index) % self._count
+        index = sample_index(index, self._count, self.split)
         rng = np.random.default_rng([self.seed, self._split_key, index])
         with np.errstate(divide="ignore", invalid="ignore"):  # rays parallel to a plane or missing a quadric
             rend, has_figure = _render_scene(rng, self.height, self.width, self.classes, self.figure_prob)
