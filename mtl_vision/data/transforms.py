@@ -14,6 +14,7 @@ Images stay RGB in [0,1]; the model applies the backbone's normalisation.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -26,6 +27,11 @@ from mtl_vision.constants import IGNORE_INDEX
 CLASS_MAPS = ("semseg", "human_parts")
 BINARY_MAPS = ("edge", "saliency")
 GEOMETRY = ("depth", "normals")
+MAPS = ("image", *CLASS_MAPS, *BINARY_MAPS, *GEOMETRY)  # everything that shares the sample's geometry
+
+# RGB <-> YIQ: a hue shift is a rotation of the (I, Q) chroma plane.
+_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_FROM_YIQ = torch.linalg.inv(_TO_YIQ)
 
 
 def _resize_nearest(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -91,7 +97,7 @@ def pad_sample(sample: dict[str, Any], size: tuple[int, int], *, top: int = 0, l
 
 def crop_sample(sample: dict[str, Any], top: int, left: int, size: tuple[int, int]) -> dict[str, Any]:
     out = dict(sample)
-    for key in ("image", *CLASS_MAPS, *BINARY_MAPS, *GEOMETRY):
+    for key in MAPS:
         if key in sample:
             out[key] = sample[key][..., top : top + size[0], left : left + size[1]]
     return out
@@ -100,7 +106,7 @@ def crop_sample(sample: dict[str, Any], top: int, left: int, size: tuple[int, in
 def flip_sample(sample: dict[str, Any]) -> dict[str, Any]:
     """Horizontal flip; the normals' x component changes sign (camera-frame normals)."""
     out = dict(sample)
-    for key in ("image", *CLASS_MAPS, *BINARY_MAPS, *GEOMETRY):
+    for key in MAPS:
         if key in sample:
             out[key] = sample[key].flip(-1)
     if "normals" in sample:
@@ -195,11 +201,10 @@ class TrainTransform:
 def _rotate_hue(image: Tensor, shift: float) -> Tensor:
     """Hue shift by `shift` turns as a rotation of the chroma plane in YIQ space (a linear map,
     ~20x cheaper than an RGB->HSV->RGB round trip and the usual fast approximation)."""
-    angle = 2.0 * torch.pi * shift
-    cos, sin = float(torch.cos(torch.tensor(angle))), float(torch.sin(torch.tensor(angle)))
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    angle = 2.0 * math.pi * shift
+    cos, sin = math.cos(angle), math.sin(angle)
     rotate = torch.tensor([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
-    matrix = torch.linalg.inv(to_yiq) @ rotate @ to_yiq
+    matrix = _FROM_YIQ @ rotate @ _TO_YIQ
     return torch.einsum("ij,jhw->ihw", matrix.to(image.dtype), image)
 
 
