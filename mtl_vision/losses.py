@@ -8,7 +8,7 @@ Invalid geometry (depth 0, all-zero normals) and ignore labels never contribute.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn

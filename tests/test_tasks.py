@@ -37,7 +37,7 @@ def test_task_spec_end_to_end(task):
     metric = spec.metric(num_classes=channels, class_names=None, edge_tolerance=0.011)
     metric.update(pred, target)
     values = metric.compute()
-    assert spec.primary in values and torch.isfinite(values[spec.primary])
+    assert spec.selection_key in values and torch.isfinite(values[spec.selection_key])
 
     for picture in (spec.colorize(pred), spec.colorize(target)):
         assert picture.shape == (N, 3, H, W)

@@ -24,7 +24,7 @@ ALL_TASKS = ["semseg", "depth", "normals", "edge", "saliency", "human_parts"]
 def _check_metrics_file(run_dir: Path, tasks=ALL_TASKS) -> dict[str, float]:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for task in tasks:
-        key = f"val/{task}/{TASKS[task].primary}"
+        key = f"val/{task}/{TASKS[task].selection_key}"
         assert key in metrics, f"{key} missing from metrics.json: {sorted(metrics)}"
         assert math.isfinite(metrics[key])
     assert all(k.startswith("val/") for k in metrics)
@@ -51,7 +51,7 @@ def test_one_short_epoch_with_a_tiny_timm_model(make_cfg, tmp_path):
     columns = set(rows[0])
     for task in ALL_TASKS:
         assert f"train/{task}/loss" in columns and f"train/weights/{task}" in columns
-        assert f"val/{task}/{TASKS[task].primary}" in columns
+        assert f"val/{task}/{TASKS[task].selection_key}" in columns
     # 16 training samples, batch 4, one epoch: 4 optimiser steps recorded in the checkpoint.
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 4

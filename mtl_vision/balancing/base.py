@@ -9,7 +9,8 @@ balancer (PCGrad, CAGrad, Nash-MTL, ...) needs the per-task gradients and declar
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn

@@ -3,7 +3,7 @@ semseg 1, depth 1, normals 10, edge 50). The dataset configs carry each paper's 
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import Tensor
 

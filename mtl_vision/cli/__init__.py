@@ -15,6 +15,18 @@ if not OmegaConf.has_resolver("mtl_root"):
     OmegaConf.register_new_resolver("mtl_root", lambda: str(ROOT_DIR))
 
 
+def run_dir_of(ckpt: str) -> str:
+    """The run directory of a checkpoint: `<run>` for `<run>/checkpoints/<name>.ckpt`, else the
+    checkpoint's folder. `mtl-eval` writes its reports there."""
+    path = Path(ckpt).resolve()
+    return str(path.parent.parent if path.parent.name == "checkpoints" else path.parent)
+
+
+# `${run_dir_of:${ckpt}}` in conf/eval.yaml and conf/predict.yaml.
+if not OmegaConf.has_resolver("run_dir_of"):
+    OmegaConf.register_new_resolver("run_dir_of", run_dir_of)
+
+
 def check_config_dir() -> Path:
     if not (CONFIG_DIR / "train.yaml").is_file():
         raise FileNotFoundError(

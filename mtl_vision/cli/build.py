@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
 import lightning as L
+import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mtl_vision.data.datamodule import MultiTaskDataModule
-from mtl_vision.engine.module import MultiTaskModule
+from mtl_vision.engine.module import RUN_INFO_KEY, MultiTaskModule
+from mtl_vision.metrics.delta_m import KEY as DELTA_M_KEY
+from mtl_vision.metrics.delta_m import DeltaM, task_metrics, update_baselines
 from mtl_vision.models.model import MultiTaskModel
 from mtl_vision.tasks import get_task
 
@@ -19,23 +26,106 @@ def build_datamodule(cfg: DictConfig) -> MultiTaskDataModule:
     return datamodule
 
 
-def check_monitor(monitor: str, tasks: list[str]) -> None:
-    """The monitor must name something this run logs: `val/loss` or `val/<task>/<metric>`."""
+def build_delta_m(cfg: DictConfig) -> DeltaM | None:
+    """The Δm calculator of `cfg.delta_m`, or None when the config has no `delta_m` node."""
+    node = cfg.get("delta_m")
+    if node is None:
+        return None
+    return DeltaM(node.get("baselines"), node.get("convention", "mtinet"))
+
+
+def check_monitor(monitor: str, tasks: list[str], delta_m: DeltaM | None = None) -> None:
+    """The monitor must name something this run logs: `val/loss`, `val/delta_m` (with baselines
+    for every task) or `val/<task>/<metric>`."""
     parts = monitor.split("/")
     if len(parts) < 2 or parts[0] != "val":
-        raise ValueError(f"monitor={monitor!r}: expected 'val/loss' or 'val/<task>/<metric>'")
-    if len(parts) >= 3 and parts[1] not in tasks:
-        raise ValueError(f"monitor={monitor!r} names task {parts[1]!r}, but the run trains {tasks}; set monitor=val/<task>/<metric>")
+        raise ValueError(f"monitor={monitor!r}: expected 'val/loss', 'val/delta_m', 'val/<task>/<metric>' or 'auto'")
+    if parts[1] == DELTA_M_KEY and len(parts) == 2:
+        if delta_m is None or not delta_m.covers(tasks):
+            where = delta_m.path if delta_m is not None else "(no delta_m config)"
+            have = sorted(delta_m.baselines) if delta_m is not None else []
+            raise ValueError(
+                f"monitor={monitor!r} needs single-task baselines for every task {tasks} in {where}, which has {have}; "
+                "write them with `mtl-train experiment=single_task data.tasks=[<task>]`"
+            )
+    elif len(parts) >= 3 and parts[1] not in tasks:
+        raise ValueError(
+            f"monitor={monitor!r} names task {parts[1]!r}, but the run trains {tasks}; set monitor=val/<task>/<metric>"
+        )
 
 
-def build_module(cfg: DictConfig, datamodule: MultiTaskDataModule) -> MultiTaskModule:
-    tasks = datamodule.tasks
-    channels = datamodule.task_channels
-    class_names = datamodule.class_names
+def resolve_monitor(cfg: DictConfig, tasks: list[str], delta_m: DeltaM | None) -> None:
+    """Replace `monitor: auto` (and its mode) by a concrete metric, then check the monitor.
+
+    auto = `val/delta_m` (max) when the baselines cover every task, else the first task's primary
+    metric (its training-time stand-in, e.g. `odsF_approx`, where the primary is too costly to
+    compute at every validation), in that metric's direction.
+    """
+    if cfg.monitor == "auto":
+        if delta_m is not None and delta_m.covers(tasks):
+            monitor, mode = f"val/{DELTA_M_KEY}", "max"
+        else:
+            spec = get_task(tasks[0])
+            key = spec.selection_key
+            monitor = f"val/{tasks[0]}/{key}"
+            mode = "min" if key in spec.lower_is_better_keys else "max"
+        with open_dict(cfg):
+            cfg.monitor, cfg.monitor_mode = monitor, mode
+    check_monitor(cfg.monitor, tasks, delta_m)
+
+
+@dataclass(frozen=True)
+class TaskFacts:
+    """What the heads and metrics are built from: the dataset's tasks, output channels, class
+    names and boundary tolerance. Saved in checkpoints, so a model can be rebuilt without its data."""
+
+    tasks: list[str]
+    task_channels: dict[str, int]
+    class_names: dict[str, list[str]]
+    edge_tolerance: float
+
+    @classmethod
+    def of(cls, datamodule: MultiTaskDataModule) -> TaskFacts:
+        return cls(
+            tasks=list(datamodule.tasks),
+            task_channels=dict(datamodule.task_channels),
+            class_names=dict(datamodule.class_names),
+            edge_tolerance=float(datamodule.edge_tolerance),
+        )
+
+
+def run_info(cfg: DictConfig, facts: TaskFacts) -> dict:
+    """What a checkpoint stores to be rebuilt: the resolved config without Hydra's own node, and
+    the task facts."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return {"config": OmegaConf.to_container(cfg, resolve=True), "facts": asdict(facts)}
+
+
+def build_module(
+    cfg: DictConfig,
+    datamodule: MultiTaskDataModule | TaskFacts,
+    *,
+    edge_exact: bool = False,
+    save_run_info: bool = False,
+) -> MultiTaskModule:
+    """The LightningModule of `cfg` for the tasks of `datamodule` (or of saved `TaskFacts`).
+
+    `edge_exact` adds the exact BSDS boundary metrics (odsF, oisF, ap; about a second per image)
+    to the cheap `odsF_approx`; `save_run_info` stores the config and facts in every checkpoint.
+    """
+    facts = datamodule if isinstance(datamodule, TaskFacts) else TaskFacts.of(datamodule)
+    tasks, channels = facts.tasks, facts.task_channels
     backbone = instantiate(cfg.backbone)
     decoder = instantiate(cfg.decoder, in_channels=backbone.channels, strides=backbone.strides, task_channels=channels)
     metrics = {
-        t: get_task(t).metric(num_classes=channels[t], class_names=class_names.get(t), edge_tolerance=datamodule.edge_tolerance)
+        t: get_task(t).metric(
+            num_classes=channels[t],
+            class_names=facts.class_names.get(t),
+            edge_tolerance=facts.edge_tolerance,
+            edge_exact=edge_exact,
+        )
         for t in tasks
     }
     return MultiTaskModule(
@@ -45,6 +135,53 @@ def build_module(cfg: DictConfig, datamodule: MultiTaskDataModule) -> MultiTaskM
         metrics=metrics,
         optimizer=instantiate(cfg.optim),
         scheduler=instantiate(cfg.sched) if cfg.get("sched") else None,
+        delta_m=build_delta_m(cfg),
+        run_info=run_info(cfg, facts) if save_run_info else None,
+    )
+
+
+def load_run(ckpt: str | os.PathLike) -> tuple[DictConfig, TaskFacts, dict]:
+    """(run config, task facts, state_dict) of a checkpoint written by `mtl-train`.
+
+    Raises:
+        FileNotFoundError: no file at `ckpt`.
+        ValueError: the file is not a checkpoint, or holds no saved run (not written by mtl-train).
+    """
+    path = Path(ckpt)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt={str(ckpt)!r}: no such checkpoint file")
+    try:
+        # our own file format: the saved config and callback states are plain Python objects
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated or foreign files fail in many ways inside torch.load
+        raise ValueError(f"ckpt={str(path)!r} could not be read as a checkpoint: {err}") from err
+    info = checkpoint.get(RUN_INFO_KEY) if isinstance(checkpoint, dict) else None
+    if not info or "state_dict" not in checkpoint:
+        raise ValueError(
+            f"ckpt={str(path)!r} holds no saved run (key {RUN_INFO_KEY!r}); it was not written by mtl-train"
+        )
+    facts = TaskFacts(**info["facts"])
+    cfg = OmegaConf.create(info["config"])
+    # the weights come from the checkpoint: never download or read pretrained ones
+    with open_dict(cfg):
+        cfg.backbone.pretrained = False
+        if "checkpoint_path" in cfg.backbone:
+            cfg.backbone.checkpoint_path = None
+    return cfg, facts, checkpoint["state_dict"]
+
+
+def write_baseline(cfg: DictConfig, tasks: list[str], dataset: str | None, metrics: dict, source: str) -> Path:
+    """Record the metrics of a single-task run in the baselines file `cfg.delta_m.baselines`."""
+    if len(tasks) != 1:
+        raise ValueError(f"single-task baselines come from one-task runs, this one has tasks {tasks}")
+    task = tasks[0]
+    return update_baselines(
+        cfg.delta_m.baselines,
+        task,
+        task_metrics(metrics, task),
+        dataset=dataset,
+        backbone=cfg.backbone.get("name"),
+        run=source,
     )
 
 

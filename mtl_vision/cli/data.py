@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -62,7 +62,9 @@ def _print_counts(counts: dict[str, dict[str, int]]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="mtl-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mtl-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_check = sub.add_parser("check", help="validate a dataset layout (Hydra overrides as for mtl-train)")
     p_check.add_argument("overrides", nargs="*", help="e.g. data=nyud data.root=/data/NYUD_MT")

@@ -14,7 +14,14 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from mtl_vision.cli import CONFIG_DIR, check_config_dir
-from mtl_vision.cli.build import build_datamodule, build_module, build_trainer, check_monitor
+from mtl_vision.cli.build import (
+    build_datamodule,
+    build_delta_m,
+    build_module,
+    build_trainer,
+    resolve_monitor,
+    write_baseline,
+)
 from mtl_vision.engine.callbacks import ImageThroughput
 from mtl_vision.engine.module import count_parameters
 from mtl_vision.engine.report import print_metric_table, write_json
@@ -26,8 +33,10 @@ def train(cfg: DictConfig) -> float:
     """Run one training job from a composed config; returns the monitored metric."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
-    check_monitor(cfg.monitor, datamodule.tasks)
-    module = build_module(cfg, datamodule)
+    if cfg.get("write_baselines") and len(datamodule.tasks) != 1:
+        raise ValueError(f"write_baselines (experiment=single_task) trains one task, got data.tasks={datamodule.tasks}")
+    resolve_monitor(cfg, datamodule.tasks, build_delta_m(cfg))
+    module = build_module(cfg, datamodule, save_run_info=True)
     trainer = build_trainer(cfg)
     output_dir = Path(cfg.paths.output_dir)
 
@@ -35,14 +44,18 @@ def train(cfg: DictConfig) -> float:
         for part in ("backbone", "decoder"):
             trainable, total = count_parameters(getattr(module.model, part))
             log.info("%s: %.2fM parameters (%.2fM trainable)", part, total / 1e6, trainable / 1e6)
-        log.info("tasks %s, output channels %s; run directory %s", datamodule.tasks, datamodule.task_channels, output_dir)
+        log.info(
+            "tasks %s, output channels %s; run directory %s", datamodule.tasks, datamodule.task_channels, output_dir
+        )
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None and checkpoint.save_last and checkpoint.dirpath:
         # Lightning leaves last.ckpt at the previous validation when max_steps ends training on
         # an epoch boundary; the last checkpoint must hold the final weights.
-        trainer.save_checkpoint(Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}")
+        trainer.save_checkpoint(
+            Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+        )
     # Lightning skips validation when max_steps ends training mid-epoch; the reported numbers must
     # always describe the final weights, so validate them unless that just happened.
     if module.last_val_step != trainer.global_step or not module.last_val_metrics:
@@ -58,6 +71,9 @@ def train(cfg: DictConfig) -> float:
         write_json(output_dir / "metrics.json", metrics)
         print_metric_table(metrics, datamodule.tasks, title=f"validation ({cfg.monitor} = {metrics[cfg.monitor]:.4g})")
         log.info("metrics written to %s", output_dir / "metrics.json")
+        if cfg.get("write_baselines"):
+            path = write_baseline(cfg, datamodule.tasks, datamodule.name, metrics, source=str(output_dir))
+            log.info("single-task baseline of %s written to %s", datamodule.tasks[0], path)
     return metrics[cfg.monitor]
 
 

@@ -7,7 +7,7 @@ weights of the reference papers) so that losses, metrics and the fixed balancer 
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -35,6 +35,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         layout: on-disk layout to force (e.g. NYUD `nyud_mt`, `nyudv2`, `mtan`); None = detect.
         crop_size: [height, width] of training crops and padded validation images, read by the
             transforms' config; kept here as part of the dataset protocol.
+        name: the dataset's short name (`nyud`, `pascal_context`, `synthetic`), used for the
+            single-task baselines file and in reports.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         root: str | None = None,
         layout: str | None = None,
         crop_size: Sequence[int] | None = None,
+        name: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -74,6 +77,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         # Only what is set reaches the factory, so datasets without a root or layout need not take one.
         self.dataset_kwargs = {k: v for k, v in (("root", root), ("layout", layout)) if v is not None}
         self.crop_size = list(crop_size) if crop_size is not None else None
+        self.name = name
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 

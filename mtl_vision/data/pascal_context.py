@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch

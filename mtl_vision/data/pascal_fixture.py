@@ -15,9 +15,9 @@ odd i in val; samples with (i // 2) odd have no person.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image

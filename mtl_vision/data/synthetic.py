@@ -26,8 +26,8 @@ import colorsys
 import functools
 import math
 import zlib
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch

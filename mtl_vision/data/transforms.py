@@ -15,7 +15,8 @@ Images stay RGB in [0,1]; the model applies the backbone's normalisation.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -225,4 +226,4 @@ class ValTransform:
         return pad_sample(sample, target) if target != (h, w) else sample
 
 
-__all__ = ["TrainTransform", "ValTransform", "resize_sample", "pad_sample", "crop_sample", "flip_sample"]
+__all__ = ["TrainTransform", "ValTransform", "crop_sample", "flip_sample", "pad_sample", "resize_sample"]

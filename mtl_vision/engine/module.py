@@ -6,7 +6,8 @@ Logs `train/<task>/loss`, `train/weights/<task>`, `val/<task>/loss` and `val/<ta
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import lightning as L
 from torch import Tensor, nn
@@ -16,11 +17,17 @@ from torchmetrics import Metric
 
 from mtl_vision.balancing import Balancer
 from mtl_vision.losses import MultiTaskLoss
+from mtl_vision.metrics.delta_m import KEY as DELTA_M_KEY
+from mtl_vision.metrics.delta_m import DeltaM
 from mtl_vision.tasks import check_task_keys, get_task
+
+RUN_INFO_KEY = "mtl_vision"
 
 
 class MultiTaskModule(L.LightningModule):
-    """Args:
+    """Multi-task training and validation around a `MultiTaskModel`.
+
+    Args:
         model: image (N,3,H,W) -> {task: raw output (N,C,H,W)}.
         loss: {task: raw}, batch -> {task: scalar}.
         balancer: {task: scalar} -> scalar total.
@@ -28,6 +35,10 @@ class MultiTaskModule(L.LightningModule):
         optimizer: `optimizer(param_groups) -> Optimizer` (a `_partial_` config node).
         scheduler: `scheduler(optimizer, total_steps=...) -> LRScheduler`, stepped every step; optional.
         no_weight_decay_1d: put biases and norm weights in a group without weight decay.
+        delta_m: computes `val/delta_m` against single-task baselines when they cover every task.
+        run_info: stored in every checkpoint under `RUN_INFO_KEY` so that `mtl-eval` and
+            `mtl-predict` can rebuild the model from the file alone: the resolved run config and
+            the dataset facts the heads were built from (see `cli.build.run_info`).
     """
 
     def __init__(
@@ -40,6 +51,8 @@ class MultiTaskModule(L.LightningModule):
         optimizer: Callable[[Iterable], Optimizer],
         scheduler: Callable[..., LRScheduler] | None = None,
         no_weight_decay_1d: bool = True,
+        delta_m: DeltaM | None = None,
+        run_info: dict | None = None,
     ) -> None:
         super().__init__()
         self.tasks = list(loss.tasks)
@@ -53,6 +66,8 @@ class MultiTaskModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.no_weight_decay_1d = no_weight_decay_1d
+        self.delta_m = delta_m
+        self.run_info = run_info
         self.last_val_metrics: dict[str, float] = {}
         self.last_val_step: int | None = None  # global step whose weights last_val_metrics describe
 
@@ -75,7 +90,11 @@ class MultiTaskModule(L.LightningModule):
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
         for task in self.tasks:
             self.log(f"train/{task}/loss", losses[task].detach(), batch_size=batch_size)
-            self.log(f"train/weights/{task}", self.balancer.last_weights[task], batch_size=batch_size)
+            self.log(
+                f"train/weights/{task}",
+                self.balancer.last_weights[task],
+                batch_size=batch_size,
+            )
         return total
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
@@ -94,10 +113,18 @@ class MultiTaskModule(L.LightningModule):
             for key, value in self.metrics[task].compute().items():
                 results[f"val/{task}/{key}"] = float(value)
             self.metrics[task].reset()
+        if self.delta_m is not None:
+            value = self.delta_m(results, self.tasks)
+            if value is not None:
+                results[f"val/{DELTA_M_KEY}"] = value
         for key, value in results.items():
             self.log(key, value, sync_dist=False, rank_zero_only=False)
         self.last_val_metrics = results
         self.last_val_step = None if self.trainer.sanity_checking else self.global_step
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_info is not None:
+            checkpoint[RUN_INFO_KEY] = self.run_info
 
     def configure_optimizers(self) -> Any:
         params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
@@ -114,7 +141,10 @@ class MultiTaskModule(L.LightningModule):
             return optimizer
         total_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = self.scheduler_factory(optimizer, total_steps=max(total_steps, 1))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
 
 def count_parameters(module: nn.Module) -> tuple[int, int]:
@@ -122,5 +152,3 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in module.parameters())
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     return trainable, total
-
-

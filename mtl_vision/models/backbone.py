@@ -8,8 +8,9 @@ come from the timm hub (`pretrained=True`, needs network once) or from a local f
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import timm
 import torch

@@ -1,0 +1,98 @@
+"""`mtl-eval ckpt=<path>`: evaluate a checkpoint on a split with the config saved in it.
+
+Writes `eval.json` (flat `val/<task>/<metric>` dict, the keys of metrics.json, plus
+`val/delta_m` when baselines cover every task) and `eval.md` (a paper-style table with Δm) into
+the checkpoint's run directory. Under DDP (`trainer=ddp_cpu`, `trainer=ddp`) each image of the
+split is evaluated by exactly one process (no padding by repetition) and the metrics' summed
+states are reduced across processes, so the numbers equal those of one process.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from mtl_vision.cli import CONFIG_DIR, check_config_dir
+from mtl_vision.cli.build import build_datamodule, build_module, load_run, write_baseline
+from mtl_vision.engine.report import markdown_report, print_metric_table, write_json
+from mtl_vision.fileio import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def evaluation_config(cfg: DictConfig) -> tuple[DictConfig, object, dict]:
+    """The checkpoint's run config with the overrides of the eval config applied."""
+    run_cfg, facts, state = load_run(cfg.ckpt)
+    with open_dict(run_cfg):
+        for key, value in (cfg.get("data") or {}).items():
+            if value is not None:
+                run_cfg.data[key] = value
+        run_cfg.data.val_split = cfg.split
+        for key, value in (cfg.get("delta_m") or {}).items():
+            if value is not None:
+                run_cfg.delta_m[key] = value
+    return run_cfg, facts, state
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate `cfg.ckpt` on `cfg.split`; returns the flat metrics dict (also on every rank)."""
+    run_cfg, facts, state = evaluation_config(cfg)
+    datamodule = build_datamodule(run_cfg)
+    if datamodule.tasks != facts.tasks:
+        raise ValueError(f"data.tasks {datamodule.tasks} differ from the checkpoint's tasks {facts.tasks}")
+    module = build_module(run_cfg, facts, edge_exact=bool(cfg.edge_exact))
+    module.load_state_dict(state)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    metrics = dict(module.last_val_metrics)
+
+    if trainer.is_global_zero:
+        out = Path(cfg.paths.output_dir)
+        stem = "eval" if cfg.split == "val" else f"eval_{cfg.split}"
+        write_json(out / f"{stem}.json", metrics)
+        delta = module.delta_m
+        report = markdown_report(
+            metrics,
+            facts.tasks,
+            name=Path(cfg.ckpt).name,
+            baselines=delta.baselines if delta is not None else None,
+            convention=delta.convention if delta is not None else "mtinet",
+        )
+        header = (
+            f"# {cfg.ckpt}\n\nsplit `{cfg.split}` of `{run_cfg.data.get('name')}`, {_count(datamodule)} images.\n\n"
+        )
+        atomic_write_text(out / f"{stem}.md", header + report)
+        print_metric_table(metrics, facts.tasks, title=f"{cfg.split}: {cfg.ckpt}")
+        log.info("wrote %s and %s", out / f"{stem}.json", out / f"{stem}.md")
+        if cfg.get("write_baselines"):
+            path = write_baseline(run_cfg, facts.tasks, datamodule.name, metrics, source=str(cfg.ckpt))
+            log.info("single-task baseline of %s updated in %s", facts.tasks[0], path)
+    return metrics
+
+
+def _count(datamodule) -> int | str:
+    try:
+        return len(datamodule.val_set)
+    except TypeError:
+        return "?"
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
+def _hydra_main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+def main() -> None:
+    check_config_dir()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
