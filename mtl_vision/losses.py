@@ -65,34 +65,62 @@ def bce(raw: Tensor, target: Tensor) -> Tensor:
 
 
 class MultiTaskLoss(nn.Module):
-    """Applies each task's registered loss to a prediction dict.
+    """Applies each task's registered loss to a prediction dict, deep supervision included.
 
     Args:
         tasks: task names, in order.
         task_kwargs: extra keyword arguments of a task's loss, e.g. `{"edge": {"pos_weight": 0.8}}`;
             entries for tasks that are not trained are ignored.
+        aux_weight: weight of every auxiliary (intermediate) prediction's loss, see below.
+        aux_weights: per aux-set weights overriding `aux_weight`, e.g. `{"initial": 0.5}`.
+
+    A decoder may return `"aux": {name: {task: map}}` beside the final predictions (PAD-Net's
+    initial predictions, MTI-Net's per-scale ones, ...). Each aux map is scored with its task's
+    loss and added, weighted, to that task's loss: the balancer then sees one loss per task, as
+    the papers' total "final + Σ auxiliary" losses are grouped per task. The unweighted parts are
+    kept in `last_aux` ({"<task>/<name>": loss}) for logging.
     """
 
-    def __init__(self, *, tasks: Sequence[str], task_kwargs: Mapping[str, Mapping[str, float]] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        tasks: Sequence[str],
+        task_kwargs: Mapping[str, Mapping[str, float]] | None = None,
+        aux_weight: float = 1.0,
+        aux_weights: Mapping[str, float] | None = None,
+    ) -> None:
         super().__init__()
         from mtl_vision.tasks import check_tasks, get_task  # tasks.py imports this module
 
         self.tasks = check_tasks(tasks, where="MultiTaskLoss")
         self._fns = {t: get_task(t).loss for t in self.tasks}
         self.task_kwargs = {t: dict((task_kwargs or {}).get(t, {})) for t in self.tasks}
+        self.aux_weight = float(aux_weight)
+        self.aux_weights = {k: float(v) for k, v in (aux_weights or {}).items()}
+        self.last_aux: dict[str, Tensor] = {}
+
+    def _one(self, task: str, pred: Tensor, target: Tensor, what: str) -> Tensor:
+        if pred.shape[-2:] != target.shape[-2:]:
+            raise ValueError(
+                f"{what}: prediction size {tuple(pred.shape[-2:])} != target size {tuple(target.shape[-2:])}"
+            )
+        return self._fns[task](pred, target, **self.task_kwargs[task])
 
     def forward(self, preds: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """preds: raw outputs at target resolution; returns {task: scalar loss}."""
+        """preds: raw outputs at target resolution (and optional "aux"); returns {task: scalar loss}."""
         missing = [t for t in self.tasks if t not in preds or t not in targets]
         if missing:
             raise ValueError(f"MultiTaskLoss: tasks {missing} missing from predictions or targets")
-        out = {}
-        for task in self.tasks:
-            pred, target = preds[task], targets[task]
-            if pred.shape[-2:] != target.shape[-2:]:
-                raise ValueError(
-                    f"task {task!r}: prediction size {tuple(pred.shape[-2:])} != target size {tuple(target.shape[-2:])}"
-                )
-            out[task] = self._fns[task](pred, target, **self.task_kwargs[task])
+        out = {task: self._one(task, preds[task], targets[task], f"task {task!r}") for task in self.tasks}
+        self.last_aux = {}
+        for name, maps in (preds.get("aux") or {}).items():
+            weight = self.aux_weights.get(name, self.aux_weight)
+            unknown = [t for t in maps if t not in out]
+            if unknown:
+                raise ValueError(f"aux predictions {name!r} have tasks {unknown} that are not trained ({self.tasks})")
+            for task, pred in maps.items():
+                value = self._one(task, pred, targets[task], f"aux {name!r} of task {task!r}")
+                self.last_aux[f"{task}/{name}"] = value.detach()
+                if weight:
+                    out[task] = out[task] + weight * value
         return out
-

@@ -23,10 +23,18 @@ from mtl_vision.cli.build import (
     write_baseline,
 )
 from mtl_vision.engine.callbacks import ImageThroughput
-from mtl_vision.engine.module import count_parameters
 from mtl_vision.engine.report import print_metric_table, write_json
+from mtl_vision.models.summary import format_summary, model_summary
 
 log = logging.getLogger(__name__)
+
+
+def summary_size(datamodule) -> tuple[int, int]:
+    """The input size of the startup summary: the crop size, else the first validation image's."""
+    if datamodule.crop_size:
+        return tuple(datamodule.crop_size)
+    datamodule.setup("validate")
+    return tuple(datamodule.val_set[0]["image"].shape[-2:])
 
 
 def train(cfg: DictConfig) -> float:
@@ -41,12 +49,15 @@ def train(cfg: DictConfig) -> float:
     output_dir = Path(cfg.paths.output_dir)
 
     if trainer.is_global_zero:
-        for part in ("backbone", "decoder"):
-            trainable, total = count_parameters(getattr(module.model, part))
-            log.info("%s: %.2fM parameters (%.2fM trainable)", part, total / 1e6, trainable / 1e6)
         log.info(
             "tasks %s, output channels %s; run directory %s", datamodule.tasks, datamodule.task_channels, output_dir
         )
+        if cfg.get("summary", True):
+            size = summary_size(datamodule)
+            summary = model_summary(module.model, size)
+            log.info("%s", format_summary(summary, size))
+            for logger in trainer.loggers:
+                logger.log_hyperparams({f"model/{k}": v for k, v in summary.items()})
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     checkpoint = trainer.checkpoint_callback

@@ -90,11 +90,10 @@ class MultiTaskModule(L.LightningModule):
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
         for task in self.tasks:
             self.log(f"train/{task}/loss", losses[task].detach(), batch_size=batch_size)
-            self.log(
-                f"train/weights/{task}",
-                self.balancer.last_weights[task],
-                batch_size=batch_size,
-            )
+            self.log(f"train/weights/{task}", self.balancer.last_weights[task], batch_size=batch_size)
+        for key, value in self.loss.last_aux.items():  # "<task>/<aux name>"
+            task, name = key.split("/", 1)
+            self.log(f"train/{task}/aux/{name}", value, batch_size=batch_size)
         return total
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
@@ -145,10 +144,3 @@ class MultiTaskModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
-
-
-def count_parameters(module: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in module.parameters())
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    return trainable, total

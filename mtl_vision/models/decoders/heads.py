@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtl_vision.layers import ConvBNReLU
+from mtl_vision.models.decoders.common import FuseScales, task_head
 
 
 class HeadsDecoder(nn.Module):
@@ -32,6 +30,8 @@ class HeadsDecoder(nn.Module):
     {task: (N, task_channels[task], H/s, W/s)} with s = `output_stride`.
     """
 
+    aux_names: tuple[str, ...] = ()
+
     def __init__(
         self,
         *,
@@ -42,23 +42,10 @@ class HeadsDecoder(nn.Module):
         min_stride: int = 4,
     ) -> None:
         super().__init__()
-        if len(in_channels) != len(strides):
-            raise ValueError(f"in_channels {list(in_channels)} and strides {list(strides)} differ in length")
-        self.levels = [i for i, s in enumerate(strides) if s >= min_stride] or [len(strides) - 1]
-        self.output_stride = min(strides[i] for i in self.levels)
-        self._finest = [strides[i] for i in self.levels].index(self.output_stride)
-        self.project = nn.ModuleList(ConvBNReLU(in_channels[i], channels, kernel_size=1) for i in self.levels)
-        self.fuse = ConvBNReLU(channels * len(self.levels), channels)
-        self.heads = nn.ModuleDict(
-            {task: nn.Sequential(ConvBNReLU(channels, channels), nn.Conv2d(channels, out, 1)) for task, out in task_channels.items()}
-        )
+        self.fuse = FuseScales(in_channels, strides, channels, min_stride=min_stride)
+        self.output_stride = self.fuse.output_stride
+        self.heads = nn.ModuleDict({task: task_head(channels, out) for task, out in task_channels.items()})
 
     def forward(self, features: Sequence[Tensor]) -> dict[str, Tensor]:
-        maps = [features[i] for i in self.levels]
-        size = maps[self._finest].shape[-2:]
-        projected = [
-            F.interpolate(proj(m), size=size, mode="bilinear", align_corners=False) if m.shape[-2:] != size else proj(m)
-            for proj, m in zip(self.project, maps)
-        ]
-        shared = self.fuse(torch.cat(projected, dim=1))
+        shared = self.fuse(features)
         return {task: head(shared) for task, head in self.heads.items()}

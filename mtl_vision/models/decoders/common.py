@@ -1,0 +1,132 @@
+"""What decoders share: choosing backbone levels, fusing them, building a pyramid, task heads.
+
+The decoder contract (every file in conf/decoder/ builds one):
+
+* constructor keyword arguments `in_channels`, `strides` (from the backbone) and `task_channels`
+  ({task: output channels}, from the dataset), bound at run time, plus the decoder's own config;
+* `forward(features: list of (N, in_channels[i], H/strides[i], W/strides[i]))` returns
+  `{task: raw map (N, task_channels[task], h, w)}` at any resolution (the model resizes to the
+  input), optionally with `"aux": {name: {task: map}}` of intermediate predictions (deep
+  supervision) whose losses are weighted by `loss.aux_weights[name]` (default `loss.aux_weight`);
+* `aux_names`: the names of the aux prediction sets it returns (empty if none).
+
+Decoders that need several scales take them from the backbone levels (`levels` / `min_stride`)
+or, for single-scale backbones such as ViT (every level at stride 16), from `ScalePyramid`,
+which resamples the levels to the strides the decoder asks for (as ViTDet's simple pyramid).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mtl_vision.layers import ConvBNReLU
+
+__all__ = ["FuseScales", "ScalePyramid", "resize_to", "select_levels", "task_head"]
+
+
+def resize_to(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinear resize of a (N,C,h,w) map to `size`, a no-op when it already has that size."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def select_levels(strides: Sequence[int], *, min_stride: int = 4, levels: Sequence[int] | None = None) -> list[int]:
+    """Indices of the backbone levels a decoder uses: `levels` if given (checked), else every
+    level with stride >= `min_stride` (the finest level if none qualifies)."""
+    if levels is not None:
+        chosen = list(levels)
+        bad = [i for i in chosen if not -len(strides) <= i < len(strides)]
+        if bad or not chosen:
+            raise ValueError(
+                f"decoder levels {chosen} do not index the backbone's {len(strides)} levels (strides {list(strides)})"
+            )
+        return [i % len(strides) for i in chosen]
+    return [i for i, s in enumerate(strides) if s >= min_stride] or [len(strides) - 1]
+
+
+def task_head(in_channels: int, out_channels: int, hidden: int | None = None) -> nn.Sequential:
+    """3x3 conv-BN-ReLU then a 1x1 prediction layer."""
+    hidden = hidden or in_channels
+    return nn.Sequential(ConvBNReLU(in_channels, hidden), nn.Conv2d(hidden, out_channels, 1))
+
+
+class FuseScales(nn.Module):
+    """Project the chosen levels to `channels`, upsample to the finest, concatenate, fuse (HRNet-style).
+
+    `forward(features) -> (N, channels, H/output_stride, W/output_stride)`.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        strides: Sequence[int],
+        channels: int,
+        *,
+        min_stride: int = 4,
+        levels: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if len(in_channels) != len(strides):
+            raise ValueError(f"in_channels {list(in_channels)} and strides {list(strides)} differ in length")
+        self.levels = select_levels(strides, min_stride=min_stride, levels=levels)
+        self.output_stride = min(strides[i] for i in self.levels)
+        self._finest = [strides[i] for i in self.levels].index(self.output_stride)
+        self.project = nn.ModuleList(ConvBNReLU(in_channels[i], channels, kernel_size=1) for i in self.levels)
+        self.fuse = ConvBNReLU(channels * len(self.levels), channels)
+
+    def forward(self, features: Sequence[Tensor]) -> Tensor:
+        maps = [features[i] for i in self.levels]
+        size = maps[self._finest].shape[-2:]
+        return self.fuse(torch.cat([resize_to(proj(m), size) for proj, m in zip(self.project, maps)], dim=1))
+
+
+class ScalePyramid(nn.Module):
+    """Feature maps at fixed strides (e.g. 4, 8, 16, 32) from any backbone.
+
+    For each output stride, the backbone level of the nearest stride (the coarser one on a tie, it
+    has seen more context) is projected to `channels`, resampled (bilinear up, average-pool down)
+    and refined by a 3x3 conv-BN-ReLU. On a CNN whose levels already have these strides this is a
+    projection per level; on a ViT (every level at stride 16) it builds the multi-scale input that
+    MTI-Net-style decoders need.
+
+    `forward(features) -> list of (N, channels, H/s, W/s)` for s in `out_strides`.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        strides: Sequence[int],
+        channels: int,
+        out_strides: Sequence[int] = (4, 8, 16, 32),
+    ) -> None:
+        super().__init__()
+        if len(in_channels) != len(strides):
+            raise ValueError(f"in_channels {list(in_channels)} and strides {list(strides)} differ in length")
+        self.out_strides = list(out_strides)
+        self.sources = []
+        for s in self.out_strides:
+            # nearest in log-scale; ties go to the coarser (later) level
+            best = min(range(len(strides)), key=lambda i: (abs(math.log2(strides[i] / s)), -strides[i], -i))
+            self.sources.append(best)
+        self.project = nn.ModuleList(ConvBNReLU(in_channels[i], channels, kernel_size=1) for i in self.sources)
+        self.refine = nn.ModuleList(ConvBNReLU(channels, channels) for _ in self.out_strides)
+        self._in_strides = [strides[i] for i in self.sources]
+
+    def forward(self, features: Sequence[Tensor]) -> list[Tensor]:
+        out = []
+        for src, in_stride, s, proj, refine in zip(
+            self.sources, self._in_strides, self.out_strides, self.project, self.refine
+        ):
+            x = proj(features[src])
+            if in_stride > s:
+                x = F.interpolate(x, scale_factor=in_stride / s, mode="bilinear", align_corners=False)
+            elif in_stride < s:
+                x = F.avg_pool2d(x, kernel_size=s // in_stride, ceil_mode=True)
+            out.append(refine(x))
+        return out

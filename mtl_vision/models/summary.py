@@ -1,0 +1,66 @@
+"""Parameters and FLOPs of a model's backbone and decoder, for the startup summary and benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def _flops(fn, *args) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn(*args)
+    return int(counter.get_total_flops())
+
+
+@torch.no_grad()
+def model_summary(model: nn.Module, image_size: Sequence[int]) -> dict[str, float]:
+    """Parameters and forward FLOPs of one (1, 3, H, W) image through `model.backbone` and `model.decoder`.
+
+    FLOPs are counted by `torch.utils.flop_counter` (matrix multiplies, convolutions and attention,
+    two FLOPs per multiply-add); papers that print fvcore "FLOPs" (InvPT, TaskPrompter) count
+    multiply-adds, i.e. half of these. Returns `{<part>/params, <part>/trainable_params,
+    <part>/gflops}` for part in backbone, decoder, and their total.
+    """
+    height, width = (int(v) for v in image_size)
+    backbone, decoder = model.backbone, model.decoder
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        image = torch.rand(1, 3, height, width, device=device)
+        x = (image - backbone.mean) / backbone.std
+        features = backbone(x)
+        flops = {"backbone": _flops(backbone, x), "decoder": _flops(decoder, features)}
+    finally:
+        model.train(was_training)
+    out: dict[str, float] = {}
+    for part, module in (("backbone", backbone), ("decoder", decoder)):
+        trainable, total = count_parameters(module)
+        out[f"{part}/params"] = float(total)
+        out[f"{part}/trainable_params"] = float(trainable)
+        out[f"{part}/gflops"] = flops[part] / 1e9
+    for key in ("params", "trainable_params", "gflops"):
+        out[f"total/{key}"] = out[f"backbone/{key}"] + out[f"decoder/{key}"]
+    return out
+
+
+def format_summary(summary: dict[str, float], image_size: Sequence[int]) -> str:
+    """A few aligned lines: parameters (M) and GFLOPs per part at the given input size."""
+    lines = [f"model at {image_size[0]}x{image_size[1]}: params (M), trainable (M), GFLOPs (2 per multiply-add)"]
+    for part in ("backbone", "decoder", "total"):
+        lines.append(
+            f"  {part:<9}{summary[f'{part}/params'] / 1e6:>9.2f}{summary[f'{part}/trainable_params'] / 1e6:>9.2f}"
+            f"{summary[f'{part}/gflops']:>10.2f}"
+        )
+    return "\n".join(lines)

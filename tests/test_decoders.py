@@ -1,0 +1,130 @@
+"""Every decoder in conf/decoder/, on a CNN and a transformer backbone: shapes, gradients,
+single-batch overfitting, determinism; plus the shared decoder parts and the startup summary."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import config_groups
+from mtl_vision.cli.build import build_datamodule, build_module
+from mtl_vision.losses import MultiTaskLoss
+from mtl_vision.models.decoders.common import ScalePyramid, select_levels
+from mtl_vision.models.summary import model_summary
+from mtl_vision.tasks import get_task
+
+DECODERS = config_groups()["decoder"]
+BACKBONES = ["test_resnet", "test_vit"]
+TASKS = "[semseg,depth,normals,edge,saliency,human_parts]"
+
+
+def _setup(make_cfg, decoder: str, backbone: str, seed: int = 0):
+    cfg = make_cfg([f"decoder={decoder}", f"backbone={backbone}", f"data.tasks={TASKS}"])
+    datamodule = build_datamodule(cfg)
+    torch.manual_seed(seed)
+    module = build_module(cfg, datamodule)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    return cfg, module, batch
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_outputs_every_task_and_aux_at_input_size(make_cfg, decoder, backbone):
+    _, module, batch = _setup(make_cfg, decoder, backbone)
+    image = batch["image"]
+    out = module.model(image)
+    for task in module.tasks:
+        assert out[task].shape[0] == image.shape[0] and out[task].shape[-2:] == image.shape[-2:], task
+        assert torch.isfinite(out[task]).all(), task
+    assert out[module.tasks[0]].shape[1] == 6  # synthetic: 6 semantic classes
+    decoder_module = module.model.decoder
+    assert set(out.get("aux", {})) == set(decoder_module.aux_names)
+    for name, maps in out.get("aux", {}).items():
+        for task, pred in maps.items():
+            assert pred.shape == out[task].shape, (name, task)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_gradients_reach_the_backbone(make_cfg, decoder, backbone):
+    _, module, batch = _setup(make_cfg, decoder, backbone)
+    losses = module.loss(module.model(batch["image"]), batch)
+    sum(losses.values()).backward()
+    backbone_grads = [p.grad for p in module.model.backbone.parameters() if p.requires_grad]
+    assert backbone_grads and all(g is not None for g in backbone_grads)
+    assert sum(float(g.abs().sum()) for g in backbone_grads) > 0
+    unused = [n for n, p in module.model.decoder.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, f"decoder parameters without gradient (DDP would fail on them): {unused[:5]}"
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_overfits_one_batch(make_cfg, decoder, backbone):
+    _, module, batch = _setup(make_cfg, decoder, backbone)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=5e-3)
+    module.train()
+    first = None
+    for _ in range(50):
+        losses = module.loss(module.model(batch["image"]), batch)
+        total = sum(losses.values())
+        first = float(total) if first is None else first
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+    with torch.no_grad():
+        final = float(sum(module.loss(module.model(batch["image"]), batch).values()))
+    assert final < 0.5 * first, f"{decoder}/{backbone}: loss {first:.3f} -> {final:.3f}"
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_same_seed_same_outputs(make_cfg, decoder):
+    _, a, batch = _setup(make_cfg, decoder, "test_resnet", seed=3)
+    _, b, _ = _setup(make_cfg, decoder, "test_resnet", seed=3)
+    a.eval(), b.eval()
+    with torch.no_grad():
+        out_a, out_b = a.model(batch["image"]), b.model(batch["image"])
+    for task in a.tasks:
+        torch.testing.assert_close(out_a[task], out_b[task], rtol=0, atol=0)
+
+
+def test_select_levels_and_pyramid():
+    assert select_levels([2, 4, 8, 16, 32], min_stride=4) == [1, 2, 3, 4]
+    assert select_levels([16, 16, 16], levels=[-1]) == [2]
+    with pytest.raises(ValueError, match="levels"):
+        select_levels([4, 8], levels=[3])
+    # ViT-like input: every level at stride 16 -> maps at strides 4..32
+    pyramid = ScalePyramid([8, 8, 8], [16, 16, 16], channels=4)
+    maps = pyramid([torch.rand(1, 8, 4, 6) for _ in range(3)])
+    assert [m.shape[-2:] for m in maps] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    # CNN input with matching strides: each output comes from its own level
+    assert ScalePyramid([4, 8, 16, 32], [4, 8, 16, 32], channels=4).sources == [0, 1, 2, 3]
+
+
+def test_aux_losses_are_added_to_their_task_with_their_weight():
+    loss = MultiTaskLoss(tasks=["depth", "semseg"], aux_weight=0.5, aux_weights={"scale_1": 2.0})
+    target = {"depth": torch.rand(2, 1, 8, 8) + 0.5, "semseg": torch.randint(0, 3, (2, 8, 8))}
+    preds = {"depth": torch.rand(2, 1, 8, 8), "semseg": torch.randn(2, 3, 8, 8)}
+    aux = {"initial": {"depth": torch.rand(2, 1, 8, 8)}, "scale_1": {"depth": torch.rand(2, 1, 8, 8)}}
+    plain = loss(preds, target)
+    with_aux = loss({**preds, "aux": aux}, target)
+    depth_fn = get_task("depth").loss
+    expected = plain["depth"] + 0.5 * depth_fn(aux["initial"]["depth"], target["depth"])
+    expected = expected + 2.0 * depth_fn(aux["scale_1"]["depth"], target["depth"])
+    torch.testing.assert_close(with_aux["depth"], expected)
+    torch.testing.assert_close(with_aux["semseg"], plain["semseg"])
+    assert set(loss.last_aux) == {"depth/initial", "depth/scale_1"}
+    with pytest.raises(ValueError, match="not trained"):
+        loss({**preds, "aux": {"initial": {"edge": torch.rand(2, 1, 8, 8)}}}, target)
+
+
+def test_summary_counts_parameters_and_flops(make_cfg):
+    cfg = make_cfg(["decoder=heads"])
+    module = build_module(cfg, build_datamodule(cfg))
+    summary = model_summary(module.model, (64, 80))
+    assert summary["backbone/params"] == sum(p.numel() for p in module.model.backbone.parameters())
+    assert summary["total/params"] == summary["backbone/params"] + summary["decoder/params"]
+    assert summary["backbone/gflops"] > 0 and summary["decoder/gflops"] > 0
+    # FLOPs of convolutions grow with the pixel count
+    double = model_summary(module.model, (128, 160))
+    assert double["total/gflops"] == pytest.approx(4 * summary["total/gflops"], rel=0.05)
