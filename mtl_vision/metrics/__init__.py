@@ -2,7 +2,7 @@
 
 from mtl_vision.metrics import functional
 from mtl_vision.metrics.depth import DepthMetrics
-from mtl_vision.metrics.edge import EdgeApproxMetrics
+from mtl_vision.metrics.edge import EdgeApproxMetrics, EdgeMetrics
 from mtl_vision.metrics.normals import NormalMetrics
 from mtl_vision.metrics.saliency import SaliencyMetrics
 from mtl_vision.metrics.segmentation import SegmentationMetrics
@@ -10,6 +10,7 @@ from mtl_vision.metrics.segmentation import SegmentationMetrics
 __all__ = [
     "DepthMetrics",
     "EdgeApproxMetrics",
+    "EdgeMetrics",
     "NormalMetrics",
     "SaliencyMetrics",
     "SegmentationMetrics",

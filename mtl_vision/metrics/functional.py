@@ -8,8 +8,9 @@ this package (``segmentation.py``, ``depth.py``, ...):
 * ``_<task>_compute(statistics) -> dict[str, Tensor]``: turns statistics summed
   over a whole split into the final values.
 
-The public functions (``miou``, ``depth_errors``, ``normal_errors``, ``max_f``,
-``ods_f_approx``) call ``_update`` once on the whole split and ``_compute`` on the
+The exact boundary benchmark ``ods_f`` lives in ``boundary.py`` (thinning and matching
+kernels) and is re-exported here. The public functions (``miou``, ``depth_errors``,
+``normal_errors``, ``max_f``, ``ods_f_approx``) call ``_update`` once on the whole split and ``_compute`` on the
 result, so the formulas exist once and a Metric accumulated over any batching
 gives the same numbers as the functional on the concatenated split.
 
@@ -28,8 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mtl_vision.constants import IGNORE_INDEX as IGNORE_LABEL
+from mtl_vision.metrics.boundary import ods_f  # the exact BSDS benchmark (numba), a twin like the others
 
-__all__ = ["depth_errors", "max_f", "miou", "normal_errors", "ods_f_approx"]
+__all__ = ["depth_errors", "max_f", "miou", "normal_errors", "ods_f", "ods_f_approx"]
 
 # Depth predictions are clamped to this before log / ratio terms (and, as in the
 # reference DepthMeter, before every term), see ``_depth_update``.
