@@ -38,6 +38,15 @@ def _single_thread_and_clean_hydra():
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is several times faster than two, whose synchronisation dominates."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     """compose(overrides) -> resolved-able train config whose run directory is tmp_path/run."""
 

@@ -14,3 +14,10 @@ class ConvBNReLU(nn.Sequential):
             nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
         )
+
+
+def shortcut(in_channels: int, out_channels: int) -> nn.Module:
+    """The skip path of a residual block: identity, or 1x1 convolution + BN when the width changes."""
+    if in_channels == out_channels:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
