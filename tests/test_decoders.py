@@ -3,11 +3,14 @@ single-batch overfitting, determinism; plus the shared decoder parts and the sta
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from conftest import config_groups
 from mtl_vision.cli.build import build_datamodule, build_module
+from mtl_vision.cli.train import train
 from mtl_vision.losses import MultiTaskLoss
 from mtl_vision.models.decoders.common import ScalePyramid, select_levels
 from mtl_vision.models.summary import model_summary
@@ -131,3 +134,18 @@ def test_summary_counts_parameters_and_flops(make_cfg):
     # FLOPs of convolutions grow with the pixel count
     double = model_summary(module.model, (128, 160))
     assert double["total/gflops"] == pytest.approx(4 * summary["total/gflops"], rel=0.05)
+
+
+@pytest.mark.parametrize("dataset", ["nyud", "pascal_context"])
+@pytest.mark.parametrize("decoder", [d for d in DECODERS if d != "heads"])  # heads: test_real_data.py
+def test_trains_on_the_real_dataset_layouts(make_cfg, tmp_path, decoder, dataset):
+    from test_real_data import _fixture
+
+    root = _fixture(tmp_path, "nyud_mt" if dataset == "nyud" else "pascal_mt")
+    overrides = [f"data={dataset}", f"data.root={root}", f"decoder={decoder}", "data.crop_size=[48,64]"]
+    cfg = make_cfg([*overrides, "data.batch_size=2", "trainer.max_steps=2", "trainer.max_epochs=3"])
+    value = train(cfg)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["val/semseg/mIoU"] == value
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2
