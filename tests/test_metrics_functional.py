@@ -414,3 +414,21 @@ def test_ods_f_approx_matches_naive_per_threshold_dilation():
         assert 0 < out < 100
     out = FM.ods_f_approx(prob, target, 0.05, num_thresholds=9)["odsF_approx"]
     assert out == pytest.approx(np_ods_f_approx(prob.numpy(), target.numpy(), 0.05, num_thresholds=9), rel=1e-12)
+
+
+def test_perfect_predictions_give_the_ideal_values():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (2, 16, 20), generator=g)
+    assert FM.miou(labels, labels, num_classes=5)["mIoU"] == pytest.approx(100.0)
+    depth = torch.rand(2, 16, 20, generator=g) + 0.5
+    assert FM.depth_errors(depth, depth) == pytest.approx({"rmse": 0.0, "abs_rel": 0.0, "log_rmse": 0.0, "delta1": 100.0})
+    normals = torch.nn.functional.normalize(torch.randn(2, 3, 16, 20, generator=g), dim=1)
+    out = FM.normal_errors(normals, normals)
+    assert out["mean"] == pytest.approx(0.0, abs=1e-5) and out["within_11_25"] == pytest.approx(100.0)
+    mask = (torch.rand(2, 16, 20, generator=g) > 0.7).float()
+    assert FM.max_f(mask, mask)["maxF"] == pytest.approx(100.0)
+    edges = torch.zeros(1, 40, 60)
+    edges[0, 5:35, 20] = 1
+    # AP sums precision at recall levels 0, 0.01, ..., 0.99 and divides by 101, as pyEdgeEval does
+    assert FM.ods_f(edges, edges, max_dist=0.011) == pytest.approx({"odsF": 100.0, "oisF": 100.0, "ap": 10000 / 101})
+    assert FM.ods_f(torch.zeros_like(edges), edges, max_dist=0.011)["odsF"] == 0.0
