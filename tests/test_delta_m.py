@@ -129,3 +129,14 @@ def test_single_task_experiment_refuses_several_tasks(make_cfg, tmp_path):
     cfg = make_cfg(["experiment=single_task", f"delta_m.baselines={tmp_path / 'b.yaml'}"])
     with pytest.raises(ValueError, match="trains one task"):
         train(cfg)
+
+
+def test_baselines_without_a_comparable_metric_warn_once(tmp_path, caplog):
+    path = tmp_path / "b.yaml"
+    update_baselines(path, "edge", {"odsF": 70.0})  # exact only, while training logs odsF_approx
+    dm = DeltaM(path)
+    with caplog.at_level("WARNING"):
+        assert dm({"val/edge/odsF_approx": 80.0}, ["edge"]) is None
+        assert dm({"val/edge/odsF_approx": 81.0}, ["edge"]) is None
+    warnings = [r for r in caplog.records if "no val/delta_m" in r.getMessage()]
+    assert len(warnings) == 1 and "no metric both" in warnings[0].getMessage()

@@ -65,9 +65,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             baselines=delta.baselines if delta is not None else None,
             convention=delta.convention if delta is not None else "mtinet",
         )
-        header = (
-            f"# {cfg.ckpt}\n\nsplit `{cfg.split}` of `{run_cfg.data.get('name')}`, {_count(datamodule)} images.\n\n"
-        )
+        header = f"# {cfg.ckpt}\n\nsplit `{cfg.split}` of `{run_cfg.data.get('name')}`, {len(datamodule.val_set)} images.\n\n"
         atomic_write_text(out / f"{stem}.md", header + report)
         print_metric_table(metrics, facts.tasks, title=f"{cfg.split}: {cfg.ckpt}")
         log.info("wrote %s and %s", out / f"{stem}.json", out / f"{stem}.md")
@@ -75,13 +73,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             path = write_baseline(run_cfg, facts.tasks, datamodule.name, metrics, source=str(cfg.ckpt))
             log.info("single-task baseline of %s updated in %s", facts.tasks[0], path)
     return metrics
-
-
-def _count(datamodule) -> int | str:
-    try:
-        return len(datamodule.val_set)
-    except TypeError:
-        return "?"
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")

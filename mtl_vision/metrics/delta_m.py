@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import logging
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -42,6 +43,8 @@ import yaml
 
 from mtl_vision.fileio import atomic_write_text
 from mtl_vision.tasks import get_task
+
+log = logging.getLogger(__name__)
 
 CONVENTIONS = ("mtinet", "libmtl")
 KEY = "delta_m"
@@ -206,6 +209,7 @@ class DeltaM:
         self.path = Path(baselines) if baselines else None
         self.convention = convention
         self.baselines = load_baselines(self.path) if self.path is not None else {}
+        self._warned: set[str] = set()
 
     def covers(self, tasks: Sequence[str]) -> bool:
         """True when every task has a baseline."""
@@ -216,12 +220,9 @@ class DeltaM:
         if not self.covers(tasks):
             return None
         try:
-            return delta_m(
-                results,
-                self.baselines,
-                tasks,
-                convention=self.convention,
-                prefix=prefix,
-            )
-        except ValueError:
+            return delta_m(results, self.baselines, tasks, convention=self.convention, prefix=prefix)
+        except ValueError as err:
+            if str(err) not in self._warned:
+                self._warned.add(str(err))
+                log.warning("no val/delta_m against %s: %s", self.path, err)
             return None
