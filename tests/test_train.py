@@ -58,7 +58,15 @@ def test_one_short_epoch_with_a_tiny_timm_model(make_cfg, tmp_path):
 
 
 def test_task_subset_and_fixed_balancer(make_cfg, tmp_path):
-    cfg = make_cfg(["data.tasks=[depth,normals]", "monitor=val/depth/rmse", "monitor_mode=min", "balancer=fixed", "trainer.max_steps=2"])
+    cfg = make_cfg(
+        [
+            "data.tasks=[depth,normals]",
+            "monitor=val/depth/rmse",
+            "monitor_mode=min",
+            "balancer=fixed",
+            "trainer.max_steps=2",
+        ]
+    )
     value = train(cfg)
     metrics = _check_metrics_file(tmp_path / "run", tasks=["depth", "normals"])
     assert not any(k.startswith("val/semseg") for k in metrics)
@@ -102,7 +110,9 @@ def test_ddp_cpu_two_processes_one_run_directory(make_cfg, tmp_path):
     module = build_module(cfg, datamodule)
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     module.load_state_dict(state)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False
+    )
     trainer.validate(module, datamodule=datamodule, verbose=False)
     single = module.last_val_metrics
     for key, value in ddp_metrics.items():
@@ -118,3 +128,19 @@ def test_console_script_runs(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     _check_metrics_file(tmp_path / "run")
     assert "semseg" in proc.stdout, "the metric table is printed"
+
+
+@pytest.mark.parametrize("decoder", ["taskexpert", "moe"])
+def test_expert_statistics_and_aux_loss_are_logged(make_cfg, tmp_path, decoder):
+    cfg = make_cfg(
+        [f"decoder={decoder}", "trainer.max_steps=3", "experts.log_every_n_steps=1", "trainer.log_every_n_steps=1"]
+    )
+    train(cfg)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
+    columns = set(rows[0])
+    usage = [c for c in columns if c.startswith("experts/decoder") and "/usage/semseg/" in c]
+    assert usage, f"no expert usage logged: {sorted(c for c in columns if c.startswith('experts'))[:10]}"
+    assert any(c.startswith("experts/decoder") and "gate_entropy/" in c for c in columns)
+    if decoder == "moe":  # sparse MoE layers add their load-balancing loss to the total
+        values = [float(r["train/experts/aux_loss"]) for r in rows if r.get("train/experts/aux_loss")]
+        assert values and all(math.isfinite(v) and v > 0 for v in values)

@@ -117,7 +117,10 @@ def build_module(
     """
     facts = datamodule if isinstance(datamodule, TaskFacts) else TaskFacts.of(datamodule)
     tasks, channels = facts.tasks, facts.task_channels
-    backbone = instantiate(cfg.backbone)
+    backbone = instantiate(cfg.backbone, tasks=tasks)
+    if cfg.get("peft") is not None:
+        # parameter-efficient fine-tuning (conf/peft): adapts the built backbone in place
+        instantiate(cfg.peft).apply(backbone, tasks)
     decoder = instantiate(cfg.decoder, in_channels=backbone.channels, strides=backbone.strides, task_channels=channels)
     metrics = {
         t: get_task(t).metric(
@@ -136,6 +139,8 @@ def build_module(
         optimizer=instantiate(cfg.optim),
         scheduler=instantiate(cfg.sched) if cfg.get("sched") else None,
         delta_m=build_delta_m(cfg),
+        expert_aux_weight=cfg.get("experts", {}).get("aux_loss_weight", 0.01),
+        expert_stats_every=cfg.get("experts", {}).get("log_every_n_steps", 50),
         run_info=run_info(cfg, facts) if save_run_info else None,
     )
 

@@ -36,6 +36,10 @@ class MultiTaskModule(L.LightningModule):
         scheduler: `scheduler(optimizer, total_steps=...) -> LRScheduler`, stepped every step; optional.
         no_weight_decay_1d: put biases and norm weights in a group without weight decay.
         delta_m: computes `val/delta_m` against single-task baselines when they cover every task.
+        expert_aux_weight: weight of the auxiliary losses of mixture-of-experts layers (load
+            balancing, mutual information) added to the total training loss.
+        expert_stats_every: log the experts' health statistics (usage, dead share, gate entropy)
+            every this many training steps, as `experts/<module>/<key>`.
         run_info: stored in every checkpoint under `RUN_INFO_KEY` so that `mtl-eval` and
             `mtl-predict` can rebuild the model from the file alone: the resolved run config and
             the dataset facts the heads were built from (see `cli.build.run_info`).
@@ -52,6 +56,8 @@ class MultiTaskModule(L.LightningModule):
         scheduler: Callable[..., LRScheduler] | None = None,
         no_weight_decay_1d: bool = True,
         delta_m: DeltaM | None = None,
+        expert_aux_weight: float = 0.01,
+        expert_stats_every: int = 50,
         run_info: dict | None = None,
     ) -> None:
         super().__init__()
@@ -68,6 +74,9 @@ class MultiTaskModule(L.LightningModule):
         self.no_weight_decay_1d = no_weight_decay_1d
         self.delta_m = delta_m
         self.run_info = run_info
+        self.expert_aux_weight = float(expert_aux_weight)
+        self.expert_stats_every = int(expert_stats_every)
+        self._expert_modules: list[tuple[str, nn.Module]] | None = None
         self.last_val_metrics: dict[str, float] = {}
         self.last_val_step: int | None = None  # global step whose weights last_val_metrics describe
 
@@ -87,6 +96,12 @@ class MultiTaskModule(L.LightningModule):
         _, losses = self._step_losses(batch)
         total = self.balancer(losses)
         batch_size = batch["image"].shape[0]
+        expert_loss = self._expert_aux_loss()
+        if expert_loss is not None:
+            total = total + self.expert_aux_weight * expert_loss
+            self.log("train/experts/aux_loss", expert_loss.detach(), batch_size=batch_size)
+        if self.expert_stats_every > 0 and self.global_step % self.expert_stats_every == 0:
+            self._log_expert_stats()
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
         for task in self.tasks:
             self.log(f"train/{task}/loss", losses[task].detach(), batch_size=batch_size)
@@ -95,6 +110,31 @@ class MultiTaskModule(L.LightningModule):
             task, name = key.split("/", 1)
             self.log(f"train/{task}/aux/{name}", value, batch_size=batch_size)
         return total
+
+    def _experts(self) -> list[tuple[str, nn.Module]]:
+        """Outermost modules with expert routing (MoE layers, TaskExpert gates): a module that
+        delegates to inner ones already sums them, so its descendants are not visited again."""
+        if self._expert_modules is None:
+            found: list[tuple[str, nn.Module]] = []
+            for name, module in self.model.named_modules():
+                if any(name.startswith(f"{outer}.") for outer, _ in found):
+                    continue
+                if hasattr(module, "pop_aux_loss") or hasattr(module, "expert_stats"):
+                    found.append((name, module))
+            self._expert_modules = found
+        return self._expert_modules
+
+    def _expert_aux_loss(self) -> Tensor | None:
+        parts = [m.pop_aux_loss() for _, m in self._experts() if hasattr(m, "pop_aux_loss")]
+        parts = [p for p in parts if p is not None]
+        return sum(parts) if parts else None
+
+    def _log_expert_stats(self) -> None:
+        for name, module in self._experts():
+            if hasattr(module, "expert_stats"):
+                for key, value in module.expert_stats().items():
+                    self.log(f"experts/{name}/{key}", float(value))
+                module.reset_expert_stats()
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         preds, losses = self._step_losses(batch)

@@ -27,12 +27,24 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, image: Tensor) -> dict:
         x = (image - self.backbone.mean) / self.backbone.std
-        out = self.decoder(self.backbone(x))
+        features = self.backbone(x)
+        out = self.decoder(features) if not isinstance(features, dict) else self._per_task(features)
         size = image.shape[-2:]
         preds = {task: _resize(pred, size) for task, pred in out.items() if task != "aux"}
         if "aux" in out:
             preds["aux"] = {name: {t: _resize(p, size) for t, p in maps.items()} for name, maps in out["aux"].items()}
         return preds
+
+    def _per_task(self, features: dict) -> dict:
+        """Task-conditioned backbone: decode every task from its own features (aux sets likewise)."""
+        out: dict = {}
+        for task, maps in features.items():
+            decoded = self.decoder(maps)
+            out[task] = decoded[task]
+            for name, preds in decoded.get("aux", {}).items():
+                if task in preds:
+                    out.setdefault("aux", {}).setdefault(name, {})[task] = preds[task]
+        return out
 
 
 def _resize(x: Tensor, size) -> Tensor:

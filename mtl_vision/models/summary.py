@@ -41,7 +41,9 @@ def model_summary(model: nn.Module, image_size: Sequence[int]) -> dict[str, floa
         image = torch.rand(1, 3, height, width, device=device)
         x = (image - backbone.mean) / backbone.std
         features = backbone(x)
-        flops = {"backbone": _flops(backbone, x), "decoder": _flops(decoder, features)}
+        # a task-conditioned backbone gives {task: maps} and each task is decoded from its own
+        per_task = list(features.values()) if isinstance(features, dict) else [features]
+        flops = {"backbone": _flops(backbone, x), "decoder": sum(_flops(decoder, f) for f in per_task)}
     finally:
         model.train(was_training)
     out: dict[str, float] = {}
