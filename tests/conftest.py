@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import pytest
 import torch
@@ -15,7 +15,13 @@ from omegaconf import DictConfig, open_dict
 from mtl_vision.cli import CONFIG_DIR
 
 # Small, fast settings that keep the real code paths: tiny timm model, tiny images, few samples.
-TINY_MODEL = ["backbone=test_resnet", "data.batch_size=4", "data.val_batch_size=4", "data.num_workers=0", "decoder.channels=16"]
+TINY_MODEL = [
+    "backbone=test_resnet",
+    "data.batch_size=4",
+    "data.val_batch_size=4",
+    "data.num_workers=0",
+    "decoder.channels=16",
+]
 TINY_SYNTHETIC = ["data.dataset.height=64", "data.dataset.width=80", "data.dataset.num_samples={train:16,val:6}"]
 TINY = TINY_MODEL + TINY_SYNTHETIC
 
@@ -35,6 +41,15 @@ def _single_thread_and_clean_hydra():
     torch.set_num_threads(2)
     yield
     GlobalHydra.instance().clear()
+
+
+def random_features(backbone: dict, size=(32, 64), batch: int = 2, seed: int = 0) -> list[torch.Tensor]:
+    """Random backbone maps for decoder unit tests: `backbone` = {"in_channels": [...], "strides": [...]}."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(batch, c, -(-size[0] // s), -(-size[1] // s), generator=gen)
+        for c, s in zip(backbone["in_channels"], backbone["strides"])
+    ]
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_features
 
 from mtl_vision.models.decoders.ctal import AffinityFusion, CTALDecoder, task_affinities
 from mtl_vision.models.decoders.invpt import InvPTDecoder
@@ -15,14 +16,6 @@ VIT = {"in_channels": [8, 8, 8], "strides": [16, 16, 16]}
 CNN = {"in_channels": [4, 8, 16, 32], "strides": [4, 8, 16, 32]}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _features(backbone: dict, size=(64, 80), batch: int = 2, seed: int = 0) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return [
-        torch.randn(batch, c, -(-size[0] // s), -(-size[1] // s), generator=gen)
-        for c, s in zip(backbone["in_channels"], backbone["strides"])
-    ]
 
 
 def _invpt(tasks=TASKS, backbone=VIT, **kwargs) -> InvPTDecoder:
@@ -41,7 +34,7 @@ def _ctal(tasks=TASKS, backbone=CNN, **kwargs) -> CTALDecoder:
 @pytest.mark.parametrize("backbone", [VIT, CNN], ids=["vit", "cnn"])
 def test_invpt_attention_mixes_tasks(backbone):
     decoder = _invpt(backbone=backbone).eval()
-    features = _features(backbone)
+    features = random_features(backbone, (64, 80))
     with torch.no_grad():
         before = decoder(features)
         # perturb only the depth task's preliminary feature map
@@ -62,7 +55,7 @@ def test_invpt_stages_follow_the_inverted_pyramid():
     assert sizes == [(2, 3), (4, 5), (8, 10)] and out_size == (16, 20)
     seen = []
     hooks = [s.register_forward_hook(lambda m, i, out: seen.append(tuple(out.shape))) for s in decoder.stages]
-    out = decoder(_features(VIT))
+    out = decoder(random_features(VIT, (64, 80)))
     for h in hooks:
         h.remove()
     # (N, tasks, h, w, width): resolution doubles, width halves, stage after stage
@@ -86,7 +79,7 @@ def test_invpt_key_value_pooling_sets_the_key_length(monkeypatch, kv_strides, ke
         return sdpa(q, k, v, *args, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
-    decoder(_features(VIT, size=(128, 128)))  # stages at 4x4, 8x8, 16x16
+    decoder(random_features(VIT, size=(128, 128)))  # stages at 4x4, 8x8, 16x16
     n_tasks = len(TASKS)
     # queries at half the stage resolution (q_strides 2), keys pooled by kv_strides, all tasks in one sequence
     assert [q for q, _ in calls] == [n_tasks * 4, n_tasks * 16, n_tasks * 64]
@@ -158,7 +151,7 @@ def test_ctal_fusion_resamples_its_weights_to_other_grids():
 
 def test_ctal_decoder_outputs_and_parameter_formula():
     decoder = _ctal()
-    out = decoder(_features(CNN))
+    out = decoder(random_features(CNN, (64, 80)))
     assert out["semseg"].shape == (2, 5, 16, 20)  # stride 8 affinities, final at stride 4
     assert out["aux"]["initial"]["depth"].shape == (2, 1, 8, 10)
     assert sum(p.numel() for p in decoder.fusion.parameters()) == 8 * 10 * (len(TASKS) * 9 + 1)
@@ -168,7 +161,7 @@ def test_ctal_decoder_outputs_and_parameter_formula():
 
 def test_ctal_propagation_mixes_tasks():
     decoder = _ctal().eval()
-    features = _features(CNN)
+    features = random_features(CNN, (64, 80))
     with torch.no_grad():
         before = decoder(features)
         handle = decoder.conv_in["depth"].register_forward_hook(lambda m, i, out: out * 2.0 + 1.0)
@@ -185,7 +178,7 @@ def test_ctal_propagation_mixes_tasks():
 @pytest.mark.parametrize("backbone", [VIT, CNN], ids=["vit", "cnn"])
 def test_one_task_trains_every_parameter(build, backbone):
     decoder = build(tasks={"depth": 1}, backbone=backbone)
-    out = decoder(_features(backbone))
+    out = decoder(random_features(backbone, (64, 80)))
     loss = out["depth"].mean() + sum(m.mean() for maps in out["aux"].values() for m in maps.values())
     loss.backward()
     assert set(out["aux"]) == set(decoder.aux_names)

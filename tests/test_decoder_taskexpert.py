@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_features
 
 from mtl_vision.models.decoders.taskexpert import TaskExpertDecoder
 
@@ -18,11 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _features(backbone: dict, seed: int = 0) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return [
-        torch.randn(2, c, SIZE[0] // s, SIZE[1] // s, generator=gen)
-        for c, s in zip(backbone["in_channels"], backbone["strides"])
-    ]
+    return random_features(backbone, SIZE, seed=seed)
 
 
 def _build(tasks=TASKS, backbone=CNN, **kwargs) -> TaskExpertDecoder:
