@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtl_vision.models.backbone import Backbone
+from mtl_vision.models.decoders.common import resize_to
 
 
 class MultiTaskModel(nn.Module):
@@ -30,9 +30,9 @@ class MultiTaskModel(nn.Module):
         features = self.backbone(x)
         out = self.decoder(features) if not isinstance(features, dict) else self._per_task(features)
         size = image.shape[-2:]
-        preds = {task: _resize(pred, size) for task, pred in out.items() if task != "aux"}
+        preds = {task: resize_to(pred, size) for task, pred in out.items() if task != "aux"}
         if "aux" in out:
-            preds["aux"] = {name: {t: _resize(p, size) for t, p in maps.items()} for name, maps in out["aux"].items()}
+            preds["aux"] = {name: {t: resize_to(p, size) for t, p in maps.items()} for name, maps in out["aux"].items()}
         return preds
 
     def _per_task(self, features: dict) -> dict:
@@ -45,9 +45,3 @@ class MultiTaskModel(nn.Module):
                 if task in preds:
                     out.setdefault("aux", {}).setdefault(name, {})[task] = preds[task]
         return out
-
-
-def _resize(x: Tensor, size) -> Tensor:
-    if x.shape[-2:] == size:
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
