@@ -141,6 +141,9 @@ def build_module(
         delta_m=build_delta_m(cfg),
         expert_aux_weight=cfg.get("experts", {}).get("aux_loss_weight", 0.01),
         expert_stats_every=cfg.get("experts", {}).get("log_every_n_steps", 50),
+        gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
+        gradient_clip_algorithm=cfg.trainer.get("gradient_clip_algorithm"),
+        accumulate_grad_batches=cfg.trainer.get("accumulate_grad_batches") or 1,
         run_info=run_info(cfg, facts) if save_run_info else None,
     )
 
@@ -190,7 +193,12 @@ def write_baseline(cfg: DictConfig, tasks: list[str], dataset: str | None, metri
     )
 
 
-def build_trainer(cfg: DictConfig) -> L.Trainer:
+def build_trainer(cfg: DictConfig, module: MultiTaskModule | None = None) -> L.Trainer:
+    """The Trainer of `cfg`. Under manual optimisation (balancers that need task gradients) the
+    module applies gradient clipping and accumulation itself, so the Trainer gets neither."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    manual = {}
+    if module is not None and not module.automatic_optimization:
+        manual = {"gradient_clip_val": None, "gradient_clip_algorithm": None, "accumulate_grad_batches": 1}
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **manual)

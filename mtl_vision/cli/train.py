@@ -45,7 +45,7 @@ def train(cfg: DictConfig) -> float:
         raise ValueError(f"write_baselines (experiment=single_task) trains one task, got data.tasks={datamodule.tasks}")
     resolve_monitor(cfg, datamodule.tasks, build_delta_m(cfg))
     module = build_module(cfg, datamodule, save_run_info=True)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, module)
     output_dir = Path(cfg.paths.output_dir)
 
     if trainer.is_global_zero:

@@ -1,7 +1,15 @@
 """The LightningModule: one training step = model -> task losses -> balancer -> optimiser step.
 
-Logs `train/<task>/loss`, `train/weights/<task>`, `val/<task>/loss` and `val/<task>/<metric>`
-(split-level metrics reduced across processes by torchmetrics' summed states).
+Weighting balancers train with Lightning's automatic optimisation (clipping, accumulation and AMP
+are Lightning's). Balancers that declare `needs_task_gradients` switch the module to manual
+optimisation, with the step of `engine.task_gradients`; gradient clipping and accumulation are
+then done here, with the same meaning (the CLI moves `trainer.gradient_clip_val`,
+`gradient_clip_algorithm` and `accumulate_grad_batches` into the module for them).
+
+Logs `train/<task>/loss`, `train/weights/<task>`, for gradient balancers `train/grad_norm/<task>`
+and `train/grad_cos/<a>-<b>` (the task gradients' pairwise cosine: negative = conflict),
+`val/<task>/loss` and `val/<task>/<metric>` (split-level metrics reduced across processes by
+torchmetrics' summed states).
 """
 
 from __future__ import annotations
@@ -10,12 +18,14 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import lightning as L
+import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import Metric
 
 from mtl_vision.balancing import Balancer
+from mtl_vision.engine.task_gradients import TaskGradientStep
 from mtl_vision.losses import MultiTaskLoss
 from mtl_vision.metrics.delta_m import KEY as DELTA_M_KEY
 from mtl_vision.metrics.delta_m import DeltaM
@@ -40,6 +50,9 @@ class MultiTaskModule(L.LightningModule):
             balancing, mutual information) added to the total training loss.
         expert_stats_every: log the experts' health statistics (usage, dead share, gate entropy)
             every this many training steps, as `experts/<module>/<key>`.
+        gradient_clip_val, gradient_clip_algorithm, accumulate_grad_batches: the Trainer's
+            settings of the same names, applied here when the balancer needs task gradients
+            (Lightning does not apply them under manual optimisation).
         run_info: stored in every checkpoint under `RUN_INFO_KEY` so that `mtl-eval` and
             `mtl-predict` can rebuild the model from the file alone: the resolved run config and
             the dataset facts the heads were built from (see `cli.build.run_info`).
@@ -58,6 +71,9 @@ class MultiTaskModule(L.LightningModule):
         delta_m: DeltaM | None = None,
         expert_aux_weight: float = 0.01,
         expert_stats_every: int = 50,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+        accumulate_grad_batches: int = 1,
         run_info: dict | None = None,
     ) -> None:
         super().__init__()
@@ -79,6 +95,17 @@ class MultiTaskModule(L.LightningModule):
         self._expert_modules: list[tuple[str, nn.Module]] | None = None
         self.last_val_metrics: dict[str, float] = {}
         self.last_val_step: int | None = None  # global step whose weights last_val_metrics describe
+        balancer.bind(model)
+        self.automatic_optimization = not balancer.needs_task_gradients
+        if int(accumulate_grad_batches) < 1:
+            raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        if gradient_clip_algorithm not in (None, "norm", "value"):
+            raise ValueError(f"gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}")
+        self.gradient_clip_val = float(gradient_clip_val) if gradient_clip_val else None
+        self.gradient_clip_algorithm = gradient_clip_algorithm or "norm"
+        self.accumulate_grad_batches = int(accumulate_grad_batches)
+        self._task_step: TaskGradientStep | None = None
+        self._last_batch: Mapping[str, Any] | None = None
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:
         return self.model(image)
@@ -92,24 +119,99 @@ class MultiTaskModule(L.LightningModule):
         preds = self.model(batch["image"])
         return preds, self.loss(preds, batch)
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        _, losses = self._step_losses(batch)
-        total = self.balancer(losses)
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor | None:
         batch_size = batch["image"].shape[0]
-        expert_loss = self._expert_aux_loss()
+        if not self.automatic_optimization:
+            total, losses, expert_loss = self._task_gradient_step(batch, batch_idx)
+        else:
+            _, losses = self._step_losses(batch)
+            total = self.balancer(losses)
+            expert_loss = self._expert_aux_loss()
+            if expert_loss is not None:
+                total = total + self.expert_aux_weight * expert_loss
+            if self.balancer.needs_losses_after_step:
+                self._last_batch = batch
         if expert_loss is not None:
-            total = total + self.expert_aux_weight * expert_loss
             self.log("train/experts/aux_loss", expert_loss.detach(), batch_size=batch_size)
         if self.expert_stats_every > 0 and self.global_step % self.expert_stats_every == 0:
             self._log_expert_stats()
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
         for task in self.tasks:
             self.log(f"train/{task}/loss", losses[task].detach(), batch_size=batch_size)
-            self.log(f"train/weights/{task}", self.balancer.last_weights[task], batch_size=batch_size)
+            if task in self.balancer.last_weights:
+                self.log(f"train/weights/{task}", self.balancer.last_weights[task], batch_size=batch_size)
         for key, value in self.loss.last_aux.items():  # "<task>/<aux name>"
             task, name = key.split("/", 1)
             self.log(f"train/{task}/aux/{name}", value, batch_size=batch_size)
-        return total
+        return total if self.automatic_optimization else None
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Automatic optimisation: the step, then the balancer's post-step update (FAMO's logits,
+        GradNorm's renormalisation), with the losses recomputed on the same batch if it asks."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.balancer.after_step(self._losses_after_step())
+
+    def _losses_after_step(self) -> dict[str, Tensor] | None:
+        if not self.balancer.needs_losses_after_step or self._last_batch is None:
+            return None
+        with torch.no_grad():
+            _, losses = self._step_losses(self._last_batch)
+            self._expert_aux_loss()  # discard the experts' auxiliary loss of this extra forward
+        self._last_batch = None
+        return self.balancer.reference_losses(losses)
+
+    def _loss_scale(self) -> tuple[Any, float]:
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            return scaler, float(scaler.get_scale())
+        return None, 1.0
+
+    def _task_gradient_step(self, batch: Mapping[str, Any], batch_idx: int) -> tuple[Tensor, dict, Tensor | None]:
+        """Manual optimisation for gradient balancers: see `engine.task_gradients`."""
+        if self._task_step is None:
+            self._task_step = TaskGradientStep(self.model, self.balancer, self.tasks)
+        scaler, scale = self._loss_scale()
+
+        def extra_loss() -> Tensor | None:
+            expert = self._expert_aux_loss()
+            return None if expert is None else self.expert_aux_weight * expert
+
+        _, losses, extra = self._task_step.micro_batch(
+            batch["image"], lambda preds: self.loss(preds, batch), extra_loss,
+            scale=scale, divide=self.accumulate_grad_batches,
+        )  # fmt: skip
+        boundary = (batch_idx + 1) % self.accumulate_grad_batches == 0 or (
+            batch_idx + 1 == self.trainer.num_training_batches
+        )
+        if boundary:
+            self._apply_task_gradients(scaler, scale)
+        total = self.balancer(losses)
+        expert_loss = None if extra is None else extra.detach() / self.expert_aux_weight
+        return total, losses, expert_loss
+
+    def _apply_task_gradients(self, scaler: Any, scale: float) -> None:
+        optimizer = self.optimizers()
+        finite, _, stats = self._task_step.write_gradients(scale=scale)
+        for key, value in stats.items():
+            self.log(f"train/{key}", value)
+        if finite or scaler is not None:  # with a scaler, GradScaler skips a non-finite step itself
+            if finite and self.gradient_clip_val:
+                params = [p for p in self.parameters() if p.grad is not None]
+                if self.gradient_clip_algorithm == "norm":
+                    torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_val * scale)
+                else:
+                    torch.nn.utils.clip_grad_value_(params, self.gradient_clip_val * scale)
+            optimizer.step()
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                scheduler.step()
+        else:
+            self.log("train/skipped_steps", 1.0, reduce_fx="sum")
+        optimizer.zero_grad(set_to_none=True)
+        self.balancer.after_step(None)
+
+    def on_train_epoch_end(self) -> None:
+        self.balancer.on_train_epoch_end()
 
     def _experts(self) -> list[tuple[str, nn.Module]]:
         """Outermost modules with expert routing (MoE layers, TaskExpert gates): a module that

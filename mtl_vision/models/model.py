@@ -25,15 +25,21 @@ class MultiTaskModel(nn.Module):
         self.backbone = backbone
         self.decoder = decoder
 
-    def forward(self, image: Tensor) -> dict:
-        x = (image - self.backbone.mean) / self.backbone.std
-        features = self.backbone(x)
+    def encode(self, image: Tensor) -> list[Tensor] | dict[str, list[Tensor]]:
+        """Backbone features of an image batch: a list of maps, or {task: maps} for a
+        task-conditioned backbone. The shared representation of `mode: features` balancers."""
+        return self.backbone((image - self.backbone.mean) / self.backbone.std)
+
+    def decode(self, features: list[Tensor] | dict[str, list[Tensor]], size: tuple[int, int]) -> dict:
+        """Decoder outputs brought to the input `size` (aux sets likewise)."""
         out = self.decoder(features) if not isinstance(features, dict) else self._per_task(features)
-        size = image.shape[-2:]
         preds = {task: resize_to(pred, size) for task, pred in out.items() if task != "aux"}
         if "aux" in out:
             preds["aux"] = {name: {t: resize_to(p, size) for t, p in maps.items()} for name, maps in out["aux"].items()}
         return preds
+
+    def forward(self, image: Tensor) -> dict:
+        return self.decode(self.encode(image), tuple(image.shape[-2:]))
 
     def _per_task(self, features: dict) -> dict:
         """Task-conditioned backbone: decode every task from its own features (aux sets likewise)."""

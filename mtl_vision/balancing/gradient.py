@@ -1,0 +1,183 @@
+"""Gradient balancers: aggregate the per-task gradients of the shared part with a torchjd aggregator.
+
+PCGrad (Yu et al., NeurIPS 2020), CAGrad (Liu et al., NeurIPS 2021), Nash-MTL (Navon et al., ICML
+2022), IMTL-G (Liu et al., ICLR 2021), MGDA (Sener & Koltun, NeurIPS 2018), Aligned-MTL (Senushkin
+et al., CVPR 2023), UPGrad (Quinton & Rey, 2024), GradDrop (Chen et al., NeurIPS 2020) and DualProj
+(after GEM, Lopez-Paz & Ranzato 2017) are torchjd's aggregators; this class decides what they see:
+
+- `mode: params`: the Jacobian of the task losses with respect to the shared parameters (the
+  rows are the per-task gradients, LibMTL's "parameter" gradients).
+- `mode: features`: the Jacobian with respect to the shared representation (the backbone's
+  feature maps, MGDA-UB / LibMTL "rep_grad"): one backward through the decoder per task, one through
+  the backbone for the aggregated gradient, so it costs far less than `params`.
+
+Which parameters are shared is explicit: `shared` lists module prefixes of the model (`backbone` by
+default). Parameters outside it, and parameters inside it that only one task uses, get their plain
+gradient (the sum of the task losses' gradients).
+
+Distributed and deterministic: the aggregation runs on values that are identical on every process
+(the Jacobian averaged across processes, or the Gramian summed across them), and random aggregators
+(PCGrad's task order, GradDrop's thresholds) draw from a generator seeded by (seed, step), so every
+rank applies the same update, the one a single process computes on the global batch. The training
+step itself is `engine.task_gradients`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torchjd.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator
+
+from mtl_vision.balancing.base import Balancer
+from mtl_vision.balancing.distributed import seeded_rng
+
+MODES = ("params", "features")
+
+
+def psd_root(gramian: Tensor) -> Tensor:
+    """A square matrix M with M M^T = gramian (symmetric PSD, negative round-off clipped)."""
+    values, vectors = torch.linalg.eigh(gramian)
+    return vectors * values.clamp(min=0).sqrt()
+
+
+def gramian_stats(gramian: Tensor, tasks: Sequence[str]) -> dict[str, float]:
+    """Per-task gradient norms and pairwise cosine similarities (negative = conflict)."""
+    norms = gramian.diagonal().clamp(min=0).sqrt()
+    stats = {f"grad_norm/{t}": float(norms[i]) for i, t in enumerate(tasks)}
+    for i in range(len(tasks)):
+        for j in range(i + 1, len(tasks)):
+            denom = float(norms[i] * norms[j])
+            stats[f"grad_cos/{tasks[i]}-{tasks[j]}"] = float(gramian[i, j]) / denom if denom > 0 else 0.0
+    return stats
+
+
+class GradientBalancer(Balancer):
+    """Args:
+    tasks: task names.
+    aggregator: a torchjd `Aggregator`, or a factory returning one (a `_partial_` config node);
+        a factory that takes `n_tasks` (Nash-MTL) gets the number of tasks.
+    mode: "params" or "features" (see the module docstring).
+    shared: module prefixes of the model whose parameters are shared ("backbone" by default;
+        e.g. ["backbone", "decoder"] for cross-task decoders). `mode: features` takes the
+        backbone's output as the shared representation and needs `shared == ["backbone"]`.
+    seed: seeds the random choices of random aggregators, per optimiser step.
+    """
+
+    needs_task_gradients: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        *,
+        tasks: Sequence[str],
+        aggregator: Aggregator | Callable[..., Aggregator],
+        mode: str = "params",
+        shared: Sequence[str] = ("backbone",),
+        seed: int = 0,
+    ) -> None:
+        super().__init__(tasks=tasks)
+        if mode not in MODES:
+            raise ValueError(f"balancer.mode must be one of {list(MODES)}, got {mode!r}")
+        if isinstance(shared, str):
+            shared = [shared]
+        self.shared = [str(s).strip(".") for s in shared]
+        if not self.shared:
+            raise ValueError("balancer.shared is empty: name at least one module prefix, e.g. [backbone]")
+        if mode == "features" and self.shared != ["backbone"]:
+            raise ValueError(
+                f"balancer.mode=features takes the backbone output as the shared representation, so "
+                f"balancer.shared must be [backbone], got {self.shared}; use mode=params for other sets"
+            )
+        if not isinstance(aggregator, Aggregator):
+            kwargs = {"n_tasks": len(self.tasks)} if _takes(aggregator, "n_tasks") else {}
+            aggregator = aggregator(**kwargs)
+        if not isinstance(aggregator, Aggregator):
+            raise TypeError(f"balancer.aggregator must build a torchjd Aggregator, got {type(aggregator).__name__}")
+        self.aggregator = aggregator
+        self.mode = mode
+        self.seed = int(seed)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.last_stats: dict[str, float] = {}
+
+    # -- weighting interface: the value of the loss, for logging -----------------------------------
+    def task_weights(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor | float]:
+        """The latest aggregation weights (1 before the first step); the total they give is only
+        reported, the update itself comes from the aggregated gradient."""
+        return {t: self.last_weights.get(t, 1.0) for t in self.tasks}
+
+    def forward(self, losses: Mapping[str, Tensor]) -> Tensor:
+        weights = self.task_weights(losses)
+        return sum(torch.as_tensor(weights[t]).to(losses[t]) * losses[t].detach() for t in self.tasks)
+
+    # -- the shared set ---------------------------------------------------------------------------
+    def is_shared(self, name: str) -> bool:
+        """Whether a parameter name of the model lies under one of the shared prefixes."""
+        return any(name == p or name.startswith(f"{p}.") for p in self.shared)
+
+    def bind(self, model: nn.Module) -> None:
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        found = {p: any(n == p or n.startswith(f"{p}.") for n in names) for p in self.shared}
+        missing = [p for p, ok in found.items() if not ok]
+        if missing:
+            tops = sorted({n.split(".", 1)[0] for n in names})
+            raise ValueError(
+                f"balancer.shared names {missing}, which hold no trainable parameter of the model; "
+                f"top-level modules with trainable parameters: {tops}"
+            )
+        if self.mode == "features" and getattr(getattr(model, "backbone", None), "task_conditioned", False):
+            raise ValueError(
+                "balancer.mode=features needs one representation shared by all tasks, but this backbone "
+                "computes its features once per task (task-conditioned MoE or MTLoRA layers); use balancer.mode=params"
+            )
+
+    # -- aggregation ------------------------------------------------------------------------------
+    @property
+    def gramian_based(self) -> bool:
+        """Whether the weights follow from the Gramian J J^T alone, so that features mode can sum
+        per-process Gramians instead of gathering the Jacobian. torchjd's Gramian weightings are;
+        Nash-MTL's weighting reads the matrix only through J J^T and |w^T J|, so a square root of
+        the Gramian gives it the same weights."""
+        return isinstance(self.aggregator, WeightedAggregator)
+
+    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
+        """Aggregation weights (T,) from the Gramian of the (global) Jacobian."""
+        agg = self.aggregator
+        gramian = gramian.double()
+        with seeded_rng(self.seed, int(self.steps)):
+            if isinstance(agg, GramianWeightedAggregator):
+                weights = agg.gramian_weighting(gramian)
+            else:
+                weights = agg.weighting(psd_root(gramian))
+        return weights.detach().float()
+
+    def aggregate(self, jacobian: Tensor, gramian: Tensor) -> tuple[Tensor, Tensor]:
+        """(T, n) Jacobian (identical on every process) -> (aggregated (n,), weights (T,)).
+
+        Aggregators without weights (GradDrop) report, as each task's weight, the share of its
+        gradient's entries that passed."""
+        if self.gramian_based:
+            weights = self.weights_from_gramian(gramian)
+            return weights.to(jacobian) @ jacobian, weights
+        with seeded_rng(self.seed, int(self.steps), jacobian.device):
+            vector = self.aggregator(jacobian)
+        nonzero = jacobian != 0
+        kept = (nonzero & ((vector.unsqueeze(0) * jacobian) > 0)).sum(1).float()
+        weights = kept / nonzero.sum(1).clamp(min=1).float()
+        return vector, weights
+
+    def record(self, weights: Tensor, gramian: Tensor) -> None:
+        self.last_weights = {t: weights[i].detach().float().cpu() for i, t in enumerate(self.tasks)}
+        self.last_stats = gramian_stats(gramian.detach().double().cpu(), self.tasks)
+
+    def after_step(self, losses: Mapping[str, Tensor] | None = None) -> None:
+        self.steps += 1
+
+
+def _takes(factory: Callable[..., Any], name: str) -> bool:
+    try:
+        return name in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False

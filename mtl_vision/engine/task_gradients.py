@@ -1,0 +1,265 @@
+"""The training step of gradient balancers (manual optimisation): per-task gradients, averaged
+across processes once per optimiser step, aggregated identically on every rank, written to `.grad`.
+
+Calling backward once per task under DDP would make DDP all-reduce (and bucket) the gradients of
+every task separately, or fail on parameters one task does not use. Here DDP's reducer is never
+engaged (Lightning turns it off under manual optimisation and the gradients come from
+`torch.autograd.grad`); instead one all-reduce per optimiser step carries everything the update
+needs:
+
+- `mode: params`: the per-task gradients of the shared parameters (a T x P Jacobian), the summed
+  gradient of the other parameters and a flag per parameter telling whether any process used it.
+  The mean over processes is exactly the Jacobian of the global batch's mean losses, so every rank
+  aggregates the same matrix. Gradient accumulation sums the micro-batch Jacobians before
+  aggregating, so it is exact as well.
+- `mode: features`: per micro-batch, the Gramian of the per-task gradients of the backbone's
+  output (T x T) is summed across processes; the weights follow from it on every rank alike, each
+  rank backpropagates the weighted feature gradient of its own samples, and the parameter
+  gradients are averaged once per step. With gradient accumulation each micro-batch is weighted
+  from its own Gramian (the features of earlier micro-batches are gone by then).
+
+Mixed precision: task losses are multiplied by the GradScaler's scale before differentiation and
+the Jacobian is unscaled before aggregation; the final gradient is written scaled, so that
+Lightning's precision plugin unscales it, skips the step on inf/NaN and updates the scale exactly
+as GradScaler does in automatic optimisation. Without a scaler a non-finite gradient skips the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from mtl_vision.balancing.distributed import all_reduce_max, all_reduce_mean, all_reduce_sum, world_size
+from mtl_vision.balancing.gradient import GradientBalancer
+
+
+@dataclass
+class _Accumulated:
+    """Gradients summed over the micro-batches of one optimiser step (unscaled)."""
+
+    shared: Tensor | None = None  # params mode: (T, P_shared) Jacobian; features mode: (P_shared,)
+    plain: Tensor | None = None  # (P_plain,)
+    used: Tensor | None = None  # (n_plain_params,) 1 where a micro-batch produced a gradient
+    extra: Tensor | None = None  # params mode: (P_shared,) gradient of the non-task (auxiliary) loss
+    micro_batches: int = 0
+    finite: bool = True
+    weights: list[Tensor] = field(default_factory=list)
+    gramians: list[Tensor] = field(default_factory=list)
+
+
+def _flat(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
+    parts = [
+        torch.zeros(p.numel(), device=p.device, dtype=torch.float32) if g is None else g.reshape(-1).float()
+        for g, p in zip(grads, params, strict=True)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+class TaskGradientStep:
+    """Runs the forward/backward of one micro-batch and, at the step boundary, writes `.grad`.
+
+    Args:
+        model: the multi-task model (`encode`, `decode`, `backbone`).
+        balancer: the gradient balancer (shared set, mode, aggregation).
+        tasks: task order of the losses.
+    """
+
+    def __init__(self, model: nn.Module, balancer: GradientBalancer, tasks: Sequence[str]) -> None:
+        self.model = model
+        self.balancer = balancer
+        self.tasks = list(tasks)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.shared_idx: list[int] | None = None  # decided at the first step (params mode)
+        self.acc = _Accumulated()
+
+    # -- split of the parameters ------------------------------------------------------------------
+    def _decide_shared(self, per_task: list[list[Tensor | None]]) -> None:
+        """Shared = under a shared prefix and used by two or more tasks (on any process, so that
+        every rank picks the same set even when MoE routing differs between them)."""
+        users = torch.tensor([[float(g is not None) for g in grads] for grads in per_task]).sum(0)
+        users = all_reduce_max(users.to(self.params[0].device)).cpu()
+        self.shared_idx = [i for i, n in enumerate(self.names) if self.balancer.is_shared(n) and float(users[i]) >= 2]
+        if not self.shared_idx:
+            raise ValueError(
+                f"no parameter under balancer.shared={self.balancer.shared} is used by two or more tasks, "
+                "so there is nothing to aggregate; name the modules the tasks share"
+            )
+        chosen = set(self.shared_idx)
+        self.plain_idx = [i for i in range(len(self.params)) if i not in chosen]
+
+    def _backbone_split(self) -> None:
+        """Features mode: shared = every trainable backbone parameter."""
+        self.shared_idx = [i for i, n in enumerate(self.names) if self.balancer.is_shared(n)]
+        chosen = set(self.shared_idx)
+        self.plain_idx = [i for i in range(len(self.params)) if i not in chosen]
+
+    # -- one micro-batch --------------------------------------------------------------------------
+    def micro_batch(
+        self,
+        image: Tensor,
+        compute_losses: Callable[[dict], dict[str, Tensor]],
+        extra_loss: Callable[[], Tensor | None],
+        *,
+        scale: float,
+        divide: int,
+    ) -> tuple[dict, dict[str, Tensor], Tensor | None]:
+        """Forward and per-task backward of one micro-batch; returns (predictions, losses, extra).
+
+        `compute_losses(preds) -> {task: loss}`; `extra_loss()` -> the auxiliary loss of
+        mixture-of-experts layers produced by the forward (plain gradient, not aggregated), or
+        None; `divide` = the number of micro-batches per optimiser step.
+        """
+        if self.balancer.mode == "features":
+            return self._features(image, compute_losses, extra_loss, scale=scale, divide=divide)
+        return self._params(image, compute_losses, extra_loss, scale=scale, divide=divide)
+
+    def _grads(self, loss: Tensor, inputs: Sequence[Tensor], *, scale: float, retain: bool) -> list[Tensor | None]:
+        grads = torch.autograd.grad(loss * scale, list(inputs), retain_graph=retain, allow_unused=True)
+        return [None if g is None else g / scale for g in grads]
+
+    def _add(self, name: str, value: Tensor) -> None:
+        current = getattr(self.acc, name)
+        setattr(self.acc, name, value if current is None else current + value)
+
+    def _params(self, image, compute_losses, extra_loss, *, scale, divide):
+        preds = self.model(image)
+        losses = compute_losses(preds)
+        extra = extra_loss()
+        per_task = []
+        for k, task in enumerate(self.tasks):
+            last = k == len(self.tasks) - 1 and extra is None
+            per_task.append(self._grads(losses[task] / divide, self.params, scale=scale, retain=not last))
+        if self.shared_idx is None:
+            self._decide_shared(per_task)
+        shared = torch.stack(
+            [_flat([g[i] for i in self.shared_idx], [self.params[i] for i in self.shared_idx]) for g in per_task]
+        )
+        plain_grads = [self._sum([g[i] for g in per_task]) for i in self.plain_idx]
+        if extra is not None:
+            extra_grads = self._grads(extra / divide, self.params, scale=scale, retain=False)
+            plain_grads = [self._sum([p, extra_grads[i]]) for p, i in zip(plain_grads, self.plain_idx, strict=True)]
+            self._add(
+                "extra", _flat([extra_grads[i] for i in self.shared_idx], [self.params[i] for i in self.shared_idx])
+            )
+        self._add("shared", shared)
+        self._add_plain(plain_grads)
+        self.acc.micro_batches += 1
+        return preds, losses, extra
+
+    def _features(self, image, compute_losses, extra_loss, *, scale, divide):
+        if self.shared_idx is None:
+            self._backbone_split()
+        features = self.model.encode(image)  # a list: GradientBalancer.bind refuses task-conditioned backbones
+        detached = [f.detach().requires_grad_() for f in features]
+        preds = self.model.decode(detached, tuple(image.shape[-2:]))
+        losses = compute_losses(preds)
+        extra = extra_loss()
+        plain_params = [self.params[i] for i in self.plain_idx]
+        inputs = [*detached, *plain_params]
+        rows, plain_grads = [], [None] * len(plain_params)
+        for task in self.tasks:
+            grads = self._grads(losses[task] / divide, inputs, scale=scale, retain=True)
+            rows.append(_flat(grads[: len(detached)], detached))
+            plain_grads = [self._sum([a, b]) for a, b in zip(plain_grads, grads[len(detached) :], strict=True)]
+        jacobian = torch.stack(rows)  # (T, local feature entries)
+        # the global batch's mean loss is the mean of the processes' mean losses, so its feature
+        # Jacobian is [J_1 ... J_R] / R and its Gramian sum_r G_r / R^2
+        gramian = all_reduce_sum(jacobian.double() @ jacobian.double().T) / world_size() ** 2
+        finite = bool(torch.isfinite(gramian).all())
+        if finite:
+            vector, weights = self._aggregate_features(jacobian, gramian)
+            self.acc.weights.append(weights)
+            self.acc.gramians.append(gramian)
+        else:
+            vector = jacobian.sum(0)
+            self.acc.finite = False
+        feature_grads = list(torch.split(vector, [f.numel() for f in detached]))
+        feature_grads = [g.view_as(f).to(f.dtype) for g, f in zip(feature_grads, features, strict=True)]
+        if extra is not None:
+            extra_grads = self._grads(extra / divide, [*detached, *self.params], scale=scale, retain=True)
+            extra_features, extra_params = extra_grads[: len(detached)], extra_grads[len(detached) :]
+            feature_grads = [g if e is None else g + e for g, e in zip(feature_grads, extra_features, strict=True)]
+            plain_grads = [self._sum([p, extra_params[i]]) for p, i in zip(plain_grads, self.plain_idx, strict=True)]
+            backbone_extra = [extra_params[i] for i in self.shared_idx]
+        else:
+            backbone_extra = [None] * len(self.shared_idx)
+        shared_params = [self.params[i] for i in self.shared_idx]
+        shared = torch.autograd.grad(
+            features, shared_params, grad_outputs=[g * scale for g in feature_grads], allow_unused=True
+        )
+        shared = [self._sum([None if g is None else g / scale, e]) for g, e in zip(shared, backbone_extra, strict=True)]
+        self._add("shared", _flat(shared, shared_params))
+        self._add_plain(plain_grads)
+        self.acc.micro_batches += 1
+        return preds, losses, extra
+
+    def _aggregate_features(self, jacobian: Tensor, gramian: Tensor) -> tuple[Tensor, Tensor]:
+        if self.balancer.gramian_based:
+            weights = self.balancer.weights_from_gramian(gramian)
+            return weights.to(jacobian) @ jacobian, weights
+        # element-wise aggregators (GradDrop) act on each feature entry alone, so each process
+        # applies them to its own samples' columns
+        return self.balancer.aggregate(jacobian, gramian)
+
+    @staticmethod
+    def _sum(values: Sequence[Tensor | None]) -> Tensor | None:
+        present = [v for v in values if v is not None]
+        if not present:
+            return None
+        return present[0] if len(present) == 1 else sum(present[1:], present[0])
+
+    def _add_plain(self, grads: Sequence[Tensor | None]) -> None:
+        params = [self.params[i] for i in self.plain_idx]
+        used = torch.tensor([float(g is not None) for g in grads], device=params[0].device if params else None)
+        self._add("plain", _flat(grads, params))
+        self._add("used", used)
+
+    # -- the step boundary ------------------------------------------------------------------------
+    def write_gradients(self, *, scale: float) -> tuple[bool, dict[str, Tensor], dict[str, float]]:
+        """Average across processes, aggregate (params mode), write `.grad` (times `scale`).
+
+        Returns (finite, {task: weight}, gradient statistics). Resets the accumulation."""
+        acc, self.acc = self.acc, _Accumulated()
+        if acc.micro_batches == 0:
+            raise RuntimeError("write_gradients called before any micro-batch")
+        shared_params = [self.params[i] for i in self.shared_idx]
+        plain_params = [self.params[i] for i in self.plain_idx]
+        parts = [acc.shared.reshape(-1), acc.plain, acc.used]
+        if acc.extra is not None:
+            parts.append(acc.extra)
+        sizes = [p.numel() for p in parts]
+        synced = list(torch.split(all_reduce_mean(torch.cat(parts)), sizes))
+        shared, plain, used = synced[0], synced[1], synced[2]
+        finite = acc.finite and bool(torch.isfinite(synced[0]).all() and torch.isfinite(plain).all())
+        if self.balancer.mode == "params":
+            jacobian = shared.view(len(self.tasks), -1)
+            gramian = jacobian.double() @ jacobian.double().T
+            if finite:
+                shared, weights = self.balancer.aggregate(jacobian, gramian)
+                if acc.extra is not None:
+                    shared = shared + synced[3]
+                weights_list, gramians = [weights], [gramian]
+            else:
+                shared = jacobian.sum(0)
+                weights_list, gramians = [], []
+        else:
+            weights_list, gramians = acc.weights, acc.gramians
+        for params, flat in ((shared_params, shared), (plain_params, plain)):
+            for p, g in zip(params, torch.split(flat, [q.numel() for q in params]), strict=True):
+                p.grad = (g.view_as(p) * scale).to(p.dtype)
+        for p, flag in zip(plain_params, used.tolist(), strict=True):
+            if flag == 0:
+                p.grad = None  # no process used it in this step: leave it to the optimiser as unused
+        stats: dict[str, float] = {}
+        weights: dict[str, Tensor] = {}
+        if weights_list:
+            mean_w = torch.stack(weights_list).mean(0)
+            mean_g = torch.stack(gramians).mean(0)
+            self.balancer.record(mean_w, mean_g)
+            weights, stats = self.balancer.last_weights, self.balancer.last_stats
+        return finite, weights, stats
