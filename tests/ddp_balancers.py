@@ -111,10 +111,12 @@ def run(out: Path, devices: int, steps: int, spec: str) -> None:
         callbacks=[FrozenBatchNorm()],
         use_distributed_sampler=False,
     )
+    stem = spec.replace(":", "__").replace(",", "_").replace("=", "-")
+    if devices == 1:
+        torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, out / f"{stem}_initial.pt")
     trainer.fit(module, train_dataloaders=loader)
     if trainer.global_rank == 0:
-        state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-        torch.save(state, out / f"{spec.replace(':', '__').replace(',', '_').replace('=', '-')}_{devices}.pt")
+        torch.save({k: v.detach().cpu().clone() for k, v in module.state_dict().items()}, out / f"{stem}_{devices}.pt")
 
 
 if __name__ == "__main__":

@@ -163,7 +163,8 @@ class MultiTaskModule(L.LightningModule):
     def _loss_scale(self) -> tuple[Any, float]:
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if scaler is not None and scaler.is_enabled():
-            return scaler, float(scaler.get_scale())
+            # scale() initialises the scaler's state on its first call, as in automatic optimisation
+            return scaler, float(scaler.scale(torch.ones((), device=self.device)))
         return None, 1.0
 
     def _task_gradient_step(self, batch: Mapping[str, Any], batch_idx: int) -> tuple[Tensor, dict, Tensor | None]:
