@@ -40,14 +40,16 @@ from mtl_vision.balancing.gradient import GradientBalancer
 class _Accumulated:
     """Gradients summed over the micro-batches of one optimiser step (unscaled)."""
 
-    shared: Tensor | None = None  # params mode: (T, P_shared) Jacobian; features mode: (P_shared,)
-    plain: Tensor | None = None  # (P_plain,)
-    used: Tensor | None = None  # (n_plain_params,) 1 where a micro-batch produced a gradient
-    extra: Tensor | None = None  # params mode: (P_shared,) gradient of the non-task (auxiliary) loss
+    jacobian: Tensor | None = None  # params mode: (T, P_shared) per-task gradients of the shared parameters
+    grads: list[Tensor | None] = field(default_factory=list)  # per parameter: plain (and aggregated, features)
     micro_batches: int = 0
     finite: bool = True
     weights: list[Tensor] = field(default_factory=list)
     gramians: list[Tensor] = field(default_factory=list)
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return a if b is None else b if a is None else a + b
 
 
 def _flat(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
@@ -119,12 +121,17 @@ class TaskGradientStep:
         return self._params(image, compute_losses, extra_loss, scale=scale, divide=divide)
 
     def _grads(self, loss: Tensor, inputs: Sequence[Tensor], *, scale: float, retain: bool) -> list[Tensor | None]:
+        if scale == 1.0:
+            return list(torch.autograd.grad(loss, list(inputs), retain_graph=retain, allow_unused=True))
         grads = torch.autograd.grad(loss * scale, list(inputs), retain_graph=retain, allow_unused=True)
         return [None if g is None else g / scale for g in grads]
 
-    def _add(self, name: str, value: Tensor) -> None:
-        current = getattr(self.acc, name)
-        setattr(self.acc, name, value if current is None else current + value)
+    def _accumulate(self, grads: dict[int, Tensor | None]) -> None:
+        """Add per-parameter gradients {parameter index: gradient or None} to this step's sums."""
+        if not self.acc.grads:
+            self.acc.grads = [None] * len(self.params)
+        for i, g in grads.items():
+            self.acc.grads[i] = _add(self.acc.grads[i], g)
 
     def _params(self, image, compute_losses, extra_loss, *, scale, divide):
         preds = self.model(image)
@@ -139,15 +146,12 @@ class TaskGradientStep:
         shared = torch.stack(
             [_flat([g[i] for i in self.shared_idx], [self.params[i] for i in self.shared_idx]) for g in per_task]
         )
-        plain_grads = [self._sum([g[i] for g in per_task]) for i in self.plain_idx]
-        if extra is not None:
+        self.acc.jacobian = _add(self.acc.jacobian, shared)
+        plain = {i: self._sum([g[i] for g in per_task]) for i in self.plain_idx}
+        if extra is not None:  # the auxiliary loss: a plain gradient on every parameter, shared ones included
             extra_grads = self._grads(extra / divide, self.params, scale=scale, retain=False)
-            plain_grads = [self._sum([p, extra_grads[i]]) for p, i in zip(plain_grads, self.plain_idx, strict=True)]
-            self._add(
-                "extra", _flat([extra_grads[i] for i in self.shared_idx], [self.params[i] for i in self.shared_idx])
-            )
-        self._add("shared", shared)
-        self._add_plain(plain_grads)
+            plain = {i: _add(plain.get(i), extra_grads[i]) for i in range(len(self.params))}
+        self._accumulate(plain)
         self.acc.micro_batches += 1
         return preds, losses, extra
 
@@ -169,7 +173,7 @@ class TaskGradientStep:
         jacobian = torch.stack(rows)  # (T, local feature entries)
         # the global batch's mean loss is the mean of the processes' mean losses, so its feature
         # Jacobian is [J_1 ... J_R] / R and its Gramian sum_r G_r / R^2
-        gramian = all_reduce_sum(jacobian.double() @ jacobian.double().T) / world_size() ** 2
+        gramian = all_reduce_sum((jacobian @ jacobian.T).double()) / world_size() ** 2
         finite = bool(torch.isfinite(gramian).all())
         if finite:
             vector, weights = self._aggregate_features(jacobian, gramian)
@@ -189,12 +193,12 @@ class TaskGradientStep:
         else:
             backbone_extra = [None] * len(self.shared_idx)
         shared_params = [self.params[i] for i in self.shared_idx]
-        shared = torch.autograd.grad(
-            features, shared_params, grad_outputs=[g * scale for g in feature_grads], allow_unused=True
-        )
-        shared = [self._sum([None if g is None else g / scale, e]) for g, e in zip(shared, backbone_extra, strict=True)]
-        self._add("shared", _flat(shared, shared_params))
-        self._add_plain(plain_grads)
+        outputs = feature_grads if scale == 1.0 else [g * scale for g in feature_grads]
+        shared = torch.autograd.grad(features, shared_params, grad_outputs=outputs, allow_unused=True)
+        if scale != 1.0:
+            shared = [None if g is None else g / scale for g in shared]
+        self._accumulate({i: _add(g, e) for i, g, e in zip(self.shared_idx, shared, backbone_extra, strict=True)})
+        self._accumulate(dict(zip(self.plain_idx, plain_grads, strict=True)))
         self.acc.micro_batches += 1
         return preds, losses, extra
 
@@ -213,13 +217,27 @@ class TaskGradientStep:
             return None
         return present[0] if len(present) == 1 else sum(present[1:], present[0])
 
-    def _add_plain(self, grads: Sequence[Tensor | None]) -> None:
-        params = [self.params[i] for i in self.plain_idx]
-        used = torch.tensor([float(g is not None) for g in grads], device=params[0].device if params else None)
-        self._add("plain", _flat(grads, params))
-        self._add("used", used)
-
     # -- the step boundary ------------------------------------------------------------------------
+    def _synchronise(self, acc: _Accumulated) -> tuple[Tensor | None, list[Tensor | None]]:
+        """Mean over processes of the Jacobian and of every gradient, in one all-reduce; a flag per
+        parameter says whether any process used it. No copy at all on a single process."""
+        grads = acc.grads or [None] * len(self.params)
+        if world_size() == 1:
+            return acc.jacobian, list(grads)
+        used = torch.tensor([float(g is not None) for g in grads], device=self.params[0].device)
+        parts = [] if acc.jacobian is None else [acc.jacobian.reshape(-1)]
+        parts += [
+            torch.zeros(p.numel(), device=p.device) if g is None else g.reshape(-1).float()
+            for g, p in zip(grads, self.params, strict=True)
+        ]
+        parts.append(used)
+        synced = torch.split(all_reduce_mean(torch.cat(parts)), [t.numel() for t in parts])
+        jacobian = None if acc.jacobian is None else synced[0].view_as(acc.jacobian)
+        flat = synced[len(parts) - len(self.params) - 1 : -1]
+        used = synced[-1].tolist()
+        grads = [g.view_as(p) if flag > 0 else None for g, p, flag in zip(flat, self.params, used, strict=True)]
+        return jacobian, grads
+
     def write_gradients(self, *, scale: float) -> tuple[bool, dict[str, Tensor], dict[str, float]]:
         """Average across processes, aggregate (params mode), write `.grad` (times `scale`).
 
@@ -227,34 +245,20 @@ class TaskGradientStep:
         acc, self.acc = self.acc, _Accumulated()
         if acc.micro_batches == 0:
             raise RuntimeError("write_gradients called before any micro-batch")
-        shared_params = [self.params[i] for i in self.shared_idx]
-        plain_params = [self.params[i] for i in self.plain_idx]
-        parts = [acc.shared.reshape(-1), acc.plain, acc.used]
-        if acc.extra is not None:
-            parts.append(acc.extra)
-        sizes = [p.numel() for p in parts]
-        synced = list(torch.split(all_reduce_mean(torch.cat(parts)), sizes))
-        shared, plain, used = synced[0], synced[1], synced[2]
-        finite = acc.finite and bool(torch.isfinite(synced[0]).all() and torch.isfinite(plain).all())
-        if self.balancer.mode == "params":
-            jacobian = shared.view(len(self.tasks), -1)
-            gramian = jacobian.double() @ jacobian.double().T
-            if finite:
-                shared, weights = self.balancer.aggregate(jacobian, gramian)
-                if acc.extra is not None:
-                    shared = shared + synced[3]
-                weights_list, gramians = [weights], [gramian]
-            else:
-                shared = jacobian.sum(0)
-                weights_list, gramians = [], []
-        else:
-            weights_list, gramians = acc.weights, acc.gramians
-        for params, flat in ((shared_params, shared), (plain_params, plain)):
-            for p, g in zip(params, torch.split(flat, [q.numel() for q in params]), strict=True):
-                p.grad = (g.view_as(p) * scale).to(p.dtype)
-        for p, flag in zip(plain_params, used.tolist(), strict=True):
-            if flag == 0:
-                p.grad = None  # no process used it in this step: leave it to the optimiser as unused
+        jacobian, grads = self._synchronise(acc)
+        present = [g.sum() for g in grads if g is not None] + ([jacobian.sum()] if jacobian is not None else [])
+        finite = acc.finite and bool(torch.isfinite(torch.stack(present).sum()))  # one pass, no mask tensors
+        weights_list, gramians = acc.weights, acc.gramians
+        if jacobian is not None:  # params mode: aggregate the step's (global) Jacobian
+            gramian = (jacobian @ jacobian.T).double()
+            vector, weights = self.balancer.aggregate(jacobian, gramian) if finite else (jacobian.sum(0), None)
+            weights_list, gramians = ([weights], [gramian]) if finite else ([], [])
+            shared_params = [self.params[i] for i in self.shared_idx]
+            for i, g in zip(self.shared_idx, torch.split(vector, [p.numel() for p in shared_params]), strict=True):
+                grads[i] = _add(g.view_as(self.params[i]), grads[i])
+        for p, g in zip(self.params, grads, strict=True):
+            # a parameter no process used in this step keeps no gradient, as in automatic optimisation
+            p.grad = None if g is None else g if scale == 1.0 and g.dtype == p.dtype else (g * scale).to(p.dtype)
         stats: dict[str, float] = {}
         weights: dict[str, Tensor] = {}
         if weights_list:
