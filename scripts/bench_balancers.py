@@ -51,7 +51,7 @@ def _parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, nargs=2, default=(128, 160), metavar=("H", "W"))
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--tasks-counts", type=int, nargs="+", default=[2, 4, 6], choices=range(1, 7))
     parser.add_argument("--balancers", nargs="+", default=None, help="conf/balancer options (default: all)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="of gradient balancers")

@@ -172,3 +172,20 @@ def test_gradient_balancer_with_clipping_and_accumulation_under_ddp_cpu(tmp_path
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("balancer", [["balancer=pcgrad"], ["balancer=upgrad", "balancer.mode=features"]], ids=str)
+def test_gradient_balancers_train_in_bf16_mixed(make_cfg, tmp_path, balancer):
+    cfg = make_cfg([*balancer, "data.tasks=[semseg,depth,edge]", "trainer.precision=bf16-mixed", "trainer.max_steps=2"])
+    L.seed_everything(cfg.seed, workers=True)  # as train() does, so `before` is its initial model
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    train(cfg)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2
+    state = ckpt["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert state["model.backbone.model.conv1.0.weight"].dtype == torch.float32  # AMP keeps fp32 weights
+    moved = (state["model.backbone.model.conv1.0.weight"] - before["model.backbone.model.conv1.0.weight"]).abs().max()
+    assert 0 < moved < 1.0
