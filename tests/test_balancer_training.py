@@ -188,4 +188,4 @@ def test_gradient_balancers_train_in_bf16_mixed(make_cfg, tmp_path, balancer):
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     assert state["model.backbone.model.conv1.0.weight"].dtype == torch.float32  # AMP keeps fp32 weights
     moved = (state["model.backbone.model.conv1.0.weight"] - before["model.backbone.model.conv1.0.weight"]).abs().max()
-    assert 0 < moved < 1.0
+    assert 0 < moved < 0.01  # two AdamW steps of lr 2e-3 move a weight by at most ~4e-3
