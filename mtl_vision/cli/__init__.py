@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -25,6 +26,23 @@ def run_dir_of(ckpt: str) -> str:
 # `${run_dir_of:${ckpt}}` in conf/eval.yaml and conf/predict.yaml.
 if not OmegaConf.has_resolver("run_dir_of"):
     OmegaConf.register_new_resolver("run_dir_of", run_dir_of)
+
+
+def run_id(fallback: str) -> str:
+    """The name of a run's directory: `slurm-<job id>` inside a Slurm job (`slurm-<array job>_<task>`
+    for an array task), else `fallback` (a timestamp). A Slurm job keeps its id when it is
+    requeued after preemption, so the requeued job finds its own directory and checkpoints, and
+    every rank of a multi-node job names the same directory without talking to the others."""
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and array_task:
+        return f"slurm-{array_job}_{array_task}"
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"slurm-{job}" if job else str(fallback)
+
+
+# `${run_id:${now:...}}` in conf/hydra/default.yaml.
+if not OmegaConf.has_resolver("run_id"):
+    OmegaConf.register_new_resolver("run_id", run_id)
 
 
 def check_config_dir() -> Path:

@@ -193,12 +193,38 @@ def write_baseline(cfg: DictConfig, tasks: list[str], dataset: str | None, metri
     )
 
 
+def apply_performance_switches(cfg: DictConfig, module: MultiTaskModule) -> None:
+    """`trainer.sync_batchnorm`, `channels_last` and `compile` applied to the module's model.
+
+    SyncBatchNorm goes through timm's converter: Lightning's (torch's) converter turns timm's
+    `BatchNormAct2d` into a plain `SyncBatchNorm` and silently drops its activation and drop
+    layers. `compile` uses `nn.Module.compile`, which compiles in place, so state_dict keys (and
+    checkpoints) stay those of the uncompiled model.
+    """
+    model = module.model
+    if cfg.trainer.get("sync_batchnorm"):
+        from timm.layers import convert_sync_batchnorm
+
+        module.model = model = convert_sync_batchnorm(model)
+    if cfg.get("channels_last"):
+        model.to(memory_format=torch.channels_last)
+        model.channels_last = True
+    if cfg.get("compile"):
+        for part in (model.backbone, model.decoder):
+            part.compile(backend=cfg.get("compile_backend") or "inductor")
+
+
 def build_trainer(cfg: DictConfig, module: MultiTaskModule | None = None) -> L.Trainer:
-    """The Trainer of `cfg`. Under manual optimisation (balancers that need task gradients) the
-    module applies gradient clipping and accumulation itself, so the Trainer gets neither."""
+    """The Trainer of `cfg`, with the module's performance switches applied (see
+    `apply_performance_switches`; the Trainer itself then gets `sync_batchnorm=False`). Under
+    manual optimisation (balancers that need task gradients) the module applies gradient clipping
+    and accumulation itself, so the Trainer gets neither."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    manual = {}
-    if module is not None and not module.automatic_optimization:
-        manual = {"gradient_clip_val": None, "gradient_clip_algorithm": None, "accumulate_grad_batches": 1}
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **manual)
+    overrides = {}
+    if module is not None:
+        apply_performance_switches(cfg, module)
+        overrides["sync_batchnorm"] = False
+        if not module.automatic_optimization:
+            overrides |= {"gradient_clip_val": None, "gradient_clip_algorithm": None, "accumulate_grad_batches": 1}
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from mtl_vision.models.backbone import Backbone
@@ -24,11 +25,15 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.decoder = decoder
+        self.channels_last = False  # set by `cli.build.apply_performance_switches`
 
     def encode(self, image: Tensor) -> list[Tensor] | dict[str, list[Tensor]]:
         """Backbone features of an image batch: a list of maps, or {task: maps} for a
         task-conditioned backbone. The shared representation of `mode: features` balancers."""
-        return self.backbone((image - self.backbone.mean) / self.backbone.std)
+        x = (image - self.backbone.mean) / self.backbone.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone(x)
 
     def decode(self, features: list[Tensor] | dict[str, list[Tensor]], size: tuple[int, int]) -> dict:
         """Decoder outputs brought to the input `size` (aux sets likewise)."""
