@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -111,3 +112,35 @@ def test_run_directory_is_a_timestamp_outside_slurm(monkeypatch):
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", return_hydra_config=True)
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}", Path(cfg.hydra.run.dir).name)
+
+
+def test_slurm_launcher_takes_tasks_and_nodes_from_the_trainer_and_the_rest_from_local_config():
+    overrides = ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
+                 "+slurm={partition: gpu, account: proj, timeout_min: 90, setup: ['source env.sh']}"]  # fmt: skip
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (4, 4, 2)
+    assert (launcher.partition, launcher.account, launcher.timeout_min) == ("gpu", "proj", 90)
+    assert list(launcher.setup) == ["source env.sh"]
+    # one owner of the requeue: Lightning's SIGUSR1 handler; submitit's timeout requeue is off
+    assert launcher.max_num_timeout == 0 and launcher.additional_parameters.signal == "USR1@120"
+
+
+def test_submitit_local_multirun_gives_each_job_its_own_directory(tmp_path):
+    from conftest import TINY
+
+    overrides = [o for o in TINY if not o.startswith("data.dataset.num_samples")]
+    cmd = [
+        sys.executable, "-m", "mtl_vision.cli.train", "-m", "hydra/launcher=submitit_local", "seed=0,1",
+        "debug=fast", *overrides, "data.dataset.num_samples={train:8,val:4}",
+        f"paths.log_dir={tmp_path / 'logs'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for job in ("0", "1"):
+        run = tmp_path / "sweep" / job
+        assert (run / "metrics.json").is_file(), f"job {job} wrote no metrics.json"
+        assert (run / ".hydra" / "overrides.yaml").read_text().count(f"seed={job}") == 1
+    assert (tmp_path / "sweep" / ".submitit").is_dir(), "the jobs did not go through submitit"
