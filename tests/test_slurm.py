@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning_utilities.core.rank_zero import rank_zero_only
 
 from mtl_vision.cli import CONFIG_DIR, ROOT_DIR
 
@@ -81,6 +82,9 @@ def test_lightning_reads_ranks_and_world_size_from_slurm(monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    # the DDP strategy sets the process-wide rank_zero_only.rank to 5; restore it afterwards, or every
+    # later test in this process skips its rank-zero work (CSV logs, checkpoints)
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
     assert SLURMEnvironment.detect()
     trainer = L.Trainer(accelerator="cpu", devices=4, num_nodes=2, strategy="ddp", logger=False)
     env = trainer.strategy.cluster_environment
