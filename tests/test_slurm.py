@@ -82,6 +82,11 @@ def test_lightning_reads_ranks_and_world_size_from_slurm(monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    # SLURMEnvironment.main_address/main_port write MASTER_ADDR/MASTER_PORT into os.environ; undo
+    # them afterwards, or later DDP tests in this process try to reach the simulated node gpu01
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "")  # records the key's absence (delenv of an absent key records nothing)
+        monkeypatch.delenv(key)
     # the DDP strategy sets the process-wide rank_zero_only.rank to 5; restore it afterwards, or every
     # later test in this process skips its rank-zero work (CSV logs, checkpoints)
     monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+# registers ${sweep_direction:} (conf/hparams_search/optuna.yaml)
+from mtl_vision.cli import sweeps  # noqa: F401
+
 ROOT_DIR = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT_DIR / "conf"
 

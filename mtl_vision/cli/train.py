@@ -24,6 +24,7 @@ from mtl_vision.cli.build import (
 )
 from mtl_vision.engine.callbacks import ImageThroughput
 from mtl_vision.engine.report import print_metric_table, write_json
+from mtl_vision.engine.tracking import finish_wandb
 from mtl_vision.models.summary import format_summary, model_summary
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,35 @@ def summary_size(datamodule) -> tuple[int, int]:
     return tuple(datamodule.val_set[0]["image"].shape[-2:])
 
 
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint `fit` resumes from.
+
+    `ckpt_path=last` (and, with `auto_resume`, no ckpt_path at all) takes the newest of the run
+    directory's `checkpoints/last.ckpt` and the `hpc_ckpt_<n>.ckpt` that Lightning's SLURM
+    environment writes when the job is preempted; a requeued job thereby continues from its own
+    latest state. Any other value is a checkpoint file.
+
+    Raises:
+        FileNotFoundError: `ckpt_path` names no file, or `last` finds no checkpoint in the run directory.
+    """
+    run_dir = Path(cfg.paths.output_dir)
+    candidates = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    newest = str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
+    ckpt = cfg.get("ckpt_path")
+    if ckpt == "last":
+        if newest is None:
+            raise FileNotFoundError(
+                f"ckpt_path=last: the run directory {run_dir} holds no checkpoints/last.ckpt or hpc_ckpt_*.ckpt; "
+                "point hydra.run.dir at the run to resume"
+            )
+        return newest
+    if ckpt is not None:
+        if not Path(ckpt).is_file():
+            raise FileNotFoundError(f"ckpt_path={str(ckpt)!r}: no such checkpoint file")
+        return str(ckpt)
+    return newest if cfg.get("auto_resume", True) else None
+
+
 def train(cfg: DictConfig) -> float:
     """Run one training job from a composed config; returns the monitored metric."""
     L.seed_everything(cfg.seed, workers=True)
@@ -47,11 +77,14 @@ def train(cfg: DictConfig) -> float:
     module = build_module(cfg, datamodule, save_run_info=True)
     trainer = build_trainer(cfg, module)
     output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resume_checkpoint(cfg)
 
     if trainer.is_global_zero:
         log.info(
             "tasks %s, output channels %s; run directory %s", datamodule.tasks, datamodule.task_channels, output_dir
         )
+        if ckpt_path is not None:
+            log.info("resuming from %s", ckpt_path)
         if cfg.get("summary", True):
             size = summary_size(datamodule)
             summary = model_summary(module.model, size)
@@ -59,7 +92,7 @@ def train(cfg: DictConfig) -> float:
             for logger in trainer.loggers:
                 logger.log_hyperparams({f"model/{k}": v for k, v in summary.items()})
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None and checkpoint.save_last and checkpoint.dirpath:
         # Lightning leaves last.ckpt at the previous validation when max_steps ends training on
@@ -85,6 +118,7 @@ def train(cfg: DictConfig) -> float:
         if cfg.get("write_baselines"):
             path = write_baseline(cfg, datamodule.tasks, datamodule.name, metrics, source=str(output_dir))
             log.info("single-task baseline of %s written to %s", datamodule.tasks[0], path)
+    finish_wandb()  # complete the wandb run's files before the next job of a sweep starts its own
     return metrics[cfg.monitor]
 
 

@@ -14,29 +14,32 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
+from mtl_vision.data.sampling import EpochSampler, ResumableLoader, SeededSamples
 from mtl_vision.tasks import check_tasks, get_task
 
 
 class MultiTaskDataModule(L.LightningDataModule):
     """Args:
-        dataset: `dataset(split=..., tasks=..., transform=...) -> Dataset` whose items are task dicts
-            ({"image": 3xHxW in [0,1], <task>: target, "meta": {...}}) and which exposes
-            `class_names: dict[task, list[str]]` for its class-map tasks.
-        tasks: the tasks to train, e.g. [semseg, depth, normals, edge].
-        train_split, val_split: split names passed to the factory.
-        batch_size: per-process training batch size; val_batch_size defaults to it.
-        num_workers: DataLoader workers per process.
-        edge_pos_weight: weight of boundary pixels in the edge loss (dataset protocol).
-        edge_tolerance: boundary matching tolerance as a fraction of the image diagonal.
-        loss_weights: the reference papers' per-task weights, used by `balancer=fixed`.
-        train_transform, val_transform: joint transforms `sample -> sample` handed to the dataset
-            of each split (see `mtl_vision.data.transforms`); None = as stored.
-        root: the dataset folder, handed to the dataset factory (None for generated data).
-        layout: on-disk layout to force (e.g. NYUD `nyud_mt`, `nyudv2`, `mtan`); None = detect.
-        crop_size: [height, width] of training crops and padded validation images, read by the
-            transforms' config; kept here as part of the dataset protocol.
-        name: the dataset's short name (`nyud`, `pascal_context`, `synthetic`), used for the
-            single-task baselines file and in reports.
+    dataset: `dataset(split=..., tasks=..., transform=...) -> Dataset` whose items are task dicts
+        ({"image": 3xHxW in [0,1], <task>: target, "meta": {...}}) and which exposes
+        `class_names: dict[task, list[str]]` for its class-map tasks.
+    tasks: the tasks to train, e.g. [semseg, depth, normals, edge].
+    train_split, val_split: split names passed to the factory.
+    batch_size: per-process training batch size; val_batch_size defaults to it.
+    num_workers: DataLoader workers per process.
+    edge_pos_weight: weight of boundary pixels in the edge loss (dataset protocol).
+    edge_tolerance: boundary matching tolerance as a fraction of the image diagonal.
+    loss_weights: the reference papers' per-task weights, used by `balancer=fixed`.
+    train_transform, val_transform: joint transforms `sample -> sample` handed to the dataset
+        of each split (see `mtl_vision.data.transforms`); None = as stored.
+    root: the dataset folder, handed to the dataset factory (None for generated data).
+    layout: on-disk layout to force (e.g. NYUD `nyud_mt`, `nyudv2`, `mtan`); None = detect.
+    crop_size: [height, width] of training crops and padded validation images, read by the
+        transforms' config; kept here as part of the dataset protocol.
+    name: the dataset's short name (`nyud`, `pascal_context`, `synthetic`), used for the
+        single-task baselines file and in reports.
+    seed: the run's seed; the training order and the augmentation of every sample are
+        functions of (seed, epoch, index) (see `data.sampling`), which makes resume exact.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         layout: str | None = None,
         crop_size: Sequence[int] | None = None,
         name: str | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -78,6 +82,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.dataset_kwargs = {k: v for k, v in (("root", root), ("layout", layout)) if v is not None}
         self.crop_size = list(crop_size) if crop_size is not None else None
         self.name = name
+        self.seed = int(seed)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
@@ -110,24 +115,38 @@ class MultiTaskDataModule(L.LightningDataModule):
         return channels
 
     def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:
-        sampler = None
         trainer = self.trainer
-        if not train and trainer is not None and trainer.world_size > 1:
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        common = {
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory and torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+            # each loader's own generator: starting workers must not draw from the global RNG, which
+            # a resumed run restores (MultiTaskModule.on_train_start) and then must consume as the
+            # uninterrupted run did (which started its persistent workers at other times)
+            "generator": torch.Generator().manual_seed(self.seed),
+        }
+        if train:
+            sampler = EpochSampler(dataset, num_replicas=world, rank=rank, seed=self.seed)
+            loader = ResumableLoader(
+                SeededSamples(dataset), batch_size=self.batch_size, sampler=sampler, drop_last=True, **common
+            )
+            loader.batches_done = self._batches_done
+            return loader
+        sampler = None
+        if world > 1:
             # Lightning's default DistributedSampler pads the split by repeating samples, which
             # biases split-level metrics; each val sample must be seen exactly once over all ranks.
-            sampler = UnrepeatedDistributedSampler(
-                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
-            )
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.val_batch_size,
-            shuffle=train,
-            sampler=sampler,
-            drop_last=train,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(dataset, batch_size=self.val_batch_size, shuffle=False, sampler=sampler, **common)
+
+    def _batches_done(self) -> int:
+        """Batches of the current epoch that a checkpoint written now holds, counted as Lightning
+        counts them on resume: a batch whose step finished but whose `on_train_batch_end` did not
+        (a checkpoint written by a callback there) is done; a batch caught mid-step is redone."""
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        finished_step = progress.ready == progress.started == progress.processed == progress.completed + 1
+        return progress.processed if finished_step else progress.completed
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")

@@ -1,4 +1,4 @@
-"""Training callbacks: throughput."""
+"""Training callbacks: throughput and GPU memory."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import lightning as L
+import torch
 
 
 class ImageThroughput(L.Callback):
@@ -30,7 +31,9 @@ class ImageThroughput(L.Callback):
     def mean_images_per_s(self) -> float | None:
         return self._timed_images / self._timed_seconds if self._timed_seconds > 0 else None
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         now = time.perf_counter()
         if self._last is not None and self._seen > self.warmup:
             self._timed_seconds += now - self._last
@@ -56,3 +59,29 @@ class ImageThroughput(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._pause()
+
+
+class GpuMemory(L.Callback):
+    """Logs `train/gpu_mem_gib`: the peak GPU memory allocated by tensors (GiB) over the last
+    `every_n_steps` training batches, the largest over all processes; the peak is reset after
+    each log. Logs nothing when the module is not on a CUDA device."""
+
+    def __init__(self, *, every_n_steps: int = 10) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"GpuMemory: every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self._batches = 0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        device = pl_module.device
+        if device.type != "cuda":
+            return
+        self._batches += 1
+        if self._batches % self.every_n_steps:
+            return
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        # every process reaches this batch, so the max over processes is one all-reduce per window
+        pl_module.log("train/gpu_mem_gib", peak, sync_dist=True, reduce_fx="max", batch_size=1)
+        torch.cuda.reset_peak_memory_stats(device)

@@ -1,11 +1,15 @@
-"""Atomic checkpoint writes: a kill during a save never leaves a truncated checkpoint."""
+"""Checkpoints: atomic writes (a kill during a save never leaves a truncated checkpoint) and the
+global random states a resumed run restores."""
 
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -31,3 +35,54 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+RNG_KEY = "rng_states"
+
+
+def rng_states() -> dict[str, Any]:
+    """The global random states of torch (CPU and every CUDA device), numpy and Python, as tensors
+    and plain Python values (loadable with `torch.load(weights_only=True)`)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Set the global random states saved by `rng_states` (CUDA devices this machine lacks are
+    left out; devices the checkpoint lacks keep their state)."""
+    torch.set_rng_state(states["torch"])
+    if torch.cuda.is_available():
+        for device, state in enumerate(states.get("cuda", [])[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, device)
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["python"])
+
+
+class LastCheckpoint(L.Callback):
+    """Writes `<dirpath>/last.ckpt` every `every_n_train_steps` optimiser steps, so a crashed or
+    killed run resumes from at most that many steps back (ModelCheckpoint writes it only at
+    validation; a second ModelCheckpoint with `save_last` would write `last-v1.ckpt` instead).
+
+    Args:
+        dirpath: the run's checkpoint folder.
+        every_n_train_steps: steps between writes; 0 turns it off.
+    """
+
+    def __init__(self, *, dirpath: str | os.PathLike, every_n_train_steps: int = 1000) -> None:
+        if every_n_train_steps < 0:
+            raise ValueError(f"every_n_train_steps must be >= 0, got {every_n_train_steps}")
+        self.path = Path(dirpath) / "last.ckpt"
+        self.every_n_train_steps = every_n_train_steps
+        self._saved_step: int | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_train_steps and step % self.every_n_train_steps == 0 and step != self._saved_step:
+            trainer.save_checkpoint(self.path)  # every rank calls it; the strategy writes on rank 0
+            self._saved_step = step

@@ -25,6 +25,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import Metric
 
 from mtl_vision.balancing import Balancer
+from mtl_vision.engine.checkpoint import RNG_KEY, restore_rng_states, rng_states
 from mtl_vision.engine.task_gradients import TaskGradientStep
 from mtl_vision.losses import MultiTaskLoss
 from mtl_vision.metrics.delta_m import KEY as DELTA_M_KEY
@@ -106,6 +107,7 @@ class MultiTaskModule(L.LightningModule):
         self.accumulate_grad_batches = int(accumulate_grad_batches)
         self._task_step: TaskGradientStep | None = None
         self._last_batch: Mapping[str, Any] | None = None
+        self._rng_to_restore: dict[str, Any] | None = None
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:
         return self.model(image)
@@ -267,6 +269,19 @@ class MultiTaskModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_info is not None:
             checkpoint[RUN_INFO_KEY] = self.run_info
+        # dropout, drop-path and anything else drawing from the global generators continues where
+        # it was (under DDP the ranks draw alike, so rank 0's states stand for all)
+        checkpoint[RNG_KEY] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_to_restore = checkpoint.get(RNG_KEY)
+
+    def on_train_start(self) -> None:
+        # restored here, after everything that runs between loading and the first step (building
+        # the loaders, sanity validation) and may draw from the generators
+        if self._rng_to_restore is not None:
+            restore_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def configure_optimizers(self) -> Any:
         params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]

@@ -1,0 +1,168 @@
+"""Exact resume: N steps, a kill, and a resume of N more steps end where 2N steps straight end
+(weights, optimiser state, balancer state and validation metrics), mid-epoch included; and a
+kill during a checkpoint save leaves the previous checkpoint loadable."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_MODEL
+
+from mtl_vision.cli.train import resume_checkpoint, train
+from mtl_vision.data.sampling import EpochSampler, ResumableLoader, SeededSamples, sample_seed
+
+TESTS_DIR = Path(__file__).parent
+
+# 16 training images in batches of 4: 4 steps per epoch. Drop-path, random crops, flips and jitter,
+# a worker process, FAMO's logits and a decaying learning rate all have to be restored exactly.
+RESUME = [
+    *[o for o in TINY_MODEL if not o.startswith(("backbone=", "data.num_workers"))],
+    "backbone=test_vit", "+backbone.model_kwargs.drop_path_rate=0.2", "data.num_workers=1",
+    "data.dataset.height=64", "data.dataset.width=80", "data.dataset.num_samples={train:16,val:4}",
+    "+data.train_transform={_target_: mtl_vision.data.transforms.TrainTransform, crop_size: [48, 64]}",
+    "data.tasks=[semseg,depth,edge]", "balancer=famo", "trainer.deterministic=true",
+    "trainer.log_every_n_steps=1", "trainer.max_epochs=-1", "summary=false",
+]  # fmt: skip
+
+
+def _last(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def _killed_run(run: Path, overrides: list[str], kill_at: int, tmp_path: Path) -> None:
+    """`mtl-train` in a child process that checkpoints every `kill_at` steps and is SIGKILLed
+    right after the checkpoint of step `kill_at`."""
+    cmd = [
+        sys.executable, "-m", "mtl_vision.cli.train", *overrides,
+        f"+callbacks.kill={{_target_: preempt.KillAtStep, step: {kill_at}}}",
+        f"callbacks.last_checkpoint.every_n_train_steps={kill_at}",
+        f"hydra.run.dir={run}", f"paths.log_dir={tmp_path / 'logs'}",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(TESTS_DIR), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _last(run)["global_step"] == kill_at
+
+
+@pytest.mark.parametrize("n", [3, 6], ids=["mid-first-epoch", "mid-second-epoch"])
+def test_kill_and_resume_equals_training_straight(make_cfg, tmp_path, n):
+    overrides = [*RESUME, f"trainer.max_steps={2 * n}"]
+    straight = train(make_cfg(overrides, tiny=False, run_dir=tmp_path / "straight"))
+
+    resumed_dir = tmp_path / "resumed"
+    _killed_run(resumed_dir, overrides, n, tmp_path)
+    resumed = train(make_cfg(overrides, tiny=False, run_dir=resumed_dir))  # auto_resume finds last.ckpt
+
+    a, b = _last(tmp_path / "straight"), _last(resumed_dir)
+    assert a["global_step"] == b["global_step"] == 2 * n
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), f"{key} differs after resume"
+    for state_a, state_b in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        for key in state_a:
+            assert torch.equal(state_a[key], state_b[key]), f"optimiser state {key} differs"
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    metrics_a = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    metrics_b = json.loads((resumed_dir / "metrics.json").read_text())
+    assert metrics_a == metrics_b and straight == resumed
+
+
+SAVE_TWICE = """
+import sys, torch
+from mtl_vision.engine.checkpoint import AtomicCheckpointIO
+io = AtomicCheckpointIO()
+io.save_checkpoint({"global_step": 1, "w": torch.arange(10.0)}, sys.argv[1])
+print("first save done", flush=True)
+big = torch.randn(96 * 2**20)  # 384 MiB: the second save takes long enough to be killed in the middle
+io.save_checkpoint({"global_step": 2, "w": big}, sys.argv[1])
+print("second save done", flush=True)
+"""
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen([sys.executable, "-c", SAVE_TWICE, str(target)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "first save done"
+        tmp = target.with_name(f"{target.name}.tmp-{proc.pid}")
+        deadline = time.monotonic() + 120
+        while not (tmp.is_file() and tmp.stat().st_size > 0):  # the second save has begun writing
+            assert proc.poll() is None and time.monotonic() < deadline, "the second save was not caught"
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert tmp.is_file(), "the kill came after the save finished; nothing was tested"
+    checkpoint = torch.load(target, map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 1 and torch.equal(checkpoint["w"], torch.arange(10.0))
+
+
+def test_epoch_sampler_shards_resumes_and_seeds_by_index():
+    data = list(range(10))
+    shards = [list(EpochSampler(data, num_replicas=2, rank=r, seed=7)) for r in (0, 1)]
+    for shard in shards:
+        shard.sort()
+    indices = [i for shard in shards for i, _ in shard]
+    assert sorted(indices) == data, "the two ranks together see every sample once"
+    sampler = EpochSampler(data, seed=7)
+    sampler.set_epoch(3)
+    full = list(sampler)
+    assert full != list(EpochSampler(data, seed=7)), "epochs are shuffled differently"
+    sampler.start_at(3, 4)
+    assert list(sampler) == full[4:], "a resumed epoch continues where it stopped"
+    assert list(sampler) == full, "the skip applies to one iteration only"
+    sampler.start_at(2, 4)
+    sampler.set_epoch(3)
+    assert list(sampler) == full, "a skip for another epoch is ignored"
+    # the augmentation seed is a function of (seed, epoch, index), not of the position or rank
+    assert dict(full) == {i: sample_seed(7, 3, i) for i in data}
+    assert len({sample_seed(7, e, 0) for e in range(5)} | {sample_seed(8, 0, 0)}) == 6
+
+
+def test_seeded_samples_make_augmentation_independent_of_workers():
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, index):
+            return torch.rand(3) + index  # a random transform drawing from torch's global RNG
+
+    def batches(workers: int) -> torch.Tensor:
+        loader = ResumableLoader(
+            SeededSamples(Noisy()), batch_size=4, sampler=EpochSampler(Noisy(), seed=1), num_workers=workers,
+            generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+        return torch.cat(list(loader))
+
+    before = torch.get_rng_state()
+    assert torch.equal(batches(0), batches(2))
+    assert torch.equal(torch.get_rng_state(), before), "loading must not consume the global RNG"
+
+
+def test_resume_checkpoint_picks_the_newest_and_explains_a_missing_one(make_cfg, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="holds no checkpoints/last.ckpt"):
+        resume_checkpoint(make_cfg(["ckpt_path=last"], run_dir=run))
+    with pytest.raises(FileNotFoundError, match="no such checkpoint file"):
+        resume_checkpoint(make_cfg([f"ckpt_path={tmp_path / 'nope.ckpt'}"], run_dir=run))
+    assert resume_checkpoint(make_cfg([], run_dir=run)) is None  # a fresh run directory
+    (run / "checkpoints").mkdir(parents=True)
+    last, hpc = run / "checkpoints" / "last.ckpt", run / "hpc_ckpt_1.ckpt"
+    last.write_bytes(b"x")
+    hpc.write_bytes(b"x")
+    os.utime(last, (1_000, 1_000))
+    os.utime(hpc, (2_000, 2_000))  # a preempted Slurm job wrote this after the last periodic save
+    assert resume_checkpoint(make_cfg(["ckpt_path=last"], run_dir=run)) == str(hpc)
+    assert resume_checkpoint(make_cfg([], run_dir=run)) == str(hpc)  # auto_resume
+    assert resume_checkpoint(make_cfg(["auto_resume=false"], run_dir=run)) is None
+    os.utime(last, (3_000, 3_000))
+    assert resume_checkpoint(make_cfg([], run_dir=run)) == str(last)
