@@ -14,11 +14,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from mtl_vision.cli import CONFIG_DIR, check_config_dir
 from mtl_vision.cli.build import build_module, load_run
 from mtl_vision.data.io import read_rgb
+from mtl_vision.engine.pictures import tile_grid, to_uint8
 from mtl_vision.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,6 @@ def list_images(path: str | Path) -> list[Path]:
     return images
 
 
-def _to_uint8(rgb: torch.Tensor) -> np.ndarray:
-    """(3,H,W) float in [0,1] -> (H,W,3) uint8."""
-    return (rgb.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-
-
 def _raw(task: str, pred: torch.Tensor) -> np.ndarray:
     """One image's activated prediction (C,H,W) or (H,W) as the array written to .npy."""
     spec = get_task(task)
@@ -55,20 +51,6 @@ def _raw(task: str, pred: torch.Tensor) -> np.ndarray:
     if array.ndim == 3 and array.shape[0] == 3:
         return array.transpose(1, 2, 0)  # normals as HxWx3, as the datasets store them
     return array[0] if array.ndim == 3 else array
-
-
-def _panel(image: np.ndarray, tiles: dict[str, np.ndarray], gap: int = 4) -> Image.Image:
-    """image | one colour map per task, side by side, each with its name above."""
-    h, w = image.shape[:2]
-    label_h = 14
-    items = [("image", image), *tiles.items()]
-    canvas = Image.new("RGB", (len(items) * w + (len(items) - 1) * gap, h + label_h), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, (name, tile) in enumerate(items):
-        x = i * (w + gap)
-        canvas.paste(Image.fromarray(tile), (x, label_h))
-        draw.text((x + 2, 1), name, fill="black")
-    return canvas
 
 
 @torch.inference_mode()
@@ -92,7 +74,7 @@ def predict(cfg: DictConfig) -> list[Path]:
         tiles = {}
         for task in facts.tasks:
             pred = preds[task][0, ..., :h, :w]
-            color = _to_uint8(get_task(task).colorize(pred[None])[0])
+            color = to_uint8(get_task(task).colorize(pred[None])[0])
             tiles[task] = color
             for kind, suffix in (("color", ".png"), ("raw", ".npy")):
                 (out / kind / task).mkdir(parents=True, exist_ok=True)
@@ -103,7 +85,8 @@ def predict(cfg: DictConfig) -> list[Path]:
                 edge8 = (pred.float().clamp(0, 1) * 255).round().byte().reshape(h, w).cpu().numpy()
                 Image.fromarray(edge8).save(out / "edge" / f"{path.stem}.png")
         (out / "panels").mkdir(parents=True, exist_ok=True)
-        _panel(_to_uint8(image), tiles).save(out / "panels" / f"{path.stem}.png")
+        # image | one colour map per task, each with its name above
+        tile_grid([[to_uint8(image), *tiles.values()]], [["image", *tiles]]).save(out / "panels" / f"{path.stem}.png")
     log.info("predictions of %d images written to %s", len(images), out)
     return images
 
