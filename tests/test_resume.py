@@ -37,19 +37,38 @@ def _last(run: Path) -> dict:
     return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
 
 
-def _killed_run(run: Path, overrides: list[str], kill_at: int, tmp_path: Path) -> None:
-    """`mtl-train` in a child process that checkpoints every `kill_at` steps and is SIGKILLed
-    right after the checkpoint of step `kill_at`."""
+def _mtl_train(run: Path, overrides: list[str], tmp_path: Path, *extra: str, returncode: int = 0) -> None:
+    """`mtl-train <overrides> <extra>` in a child process, in run directory `run`."""
     cmd = [
-        sys.executable, "-m", "mtl_vision.cli.train", *overrides,
-        f"+callbacks.kill={{_target_: preempt.KillAtStep, step: {kill_at}}}",
-        f"callbacks.last_checkpoint.every_n_train_steps={kill_at}",
+        sys.executable, "-m", "mtl_vision.cli.train", *overrides, *extra,
         f"hydra.run.dir={run}", f"paths.log_dir={tmp_path / 'logs'}",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(TESTS_DIR), "OMP_NUM_THREADS": "2"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == returncode, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _killed_run(run: Path, overrides: list[str], kill_at: int, tmp_path: Path) -> None:
+    """`mtl-train` that checkpoints every `kill_at` steps and is SIGKILLed right after the checkpoint
+    of step `kill_at` (under DDP every rank kills itself at that point)."""
+    kill = f"+callbacks.kill={{_target_: preempt.KillAtStep, step: {kill_at}}}"
+    every = f"callbacks.last_checkpoint.every_n_train_steps={kill_at}"
+    _mtl_train(run, overrides, tmp_path, kill, every, returncode=-signal.SIGKILL)
     assert _last(run)["global_step"] == kill_at
+
+
+def _assert_same_end(straight: Path, resumed: Path, steps: int) -> None:
+    """Equal weights, optimiser and scheduler states and final validation metrics."""
+    a, b = _last(straight), _last(resumed)
+    assert a["global_step"] == b["global_step"] == steps
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), f"{key} differs after resume"
+    for state_a, state_b in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        for key in state_a:
+            assert torch.equal(state_a[key], state_b[key]), f"optimiser state {key} differs"
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    assert json.loads((straight / "metrics.json").read_text()) == json.loads((resumed / "metrics.json").read_text())
 
 
 @pytest.mark.parametrize("n", [3, 6], ids=["mid-first-epoch", "mid-second-epoch"])
@@ -61,18 +80,18 @@ def test_kill_and_resume_equals_training_straight(make_cfg, tmp_path, n):
     _killed_run(resumed_dir, overrides, n, tmp_path)
     resumed = train(make_cfg(overrides, tiny=False, run_dir=resumed_dir))  # auto_resume finds last.ckpt
 
-    a, b = _last(tmp_path / "straight"), _last(resumed_dir)
-    assert a["global_step"] == b["global_step"] == 2 * n
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for key, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][key]), f"{key} differs after resume"
-    for state_a, state_b in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
-        for key in state_a:
-            assert torch.equal(state_a[key], state_b[key]), f"optimiser state {key} differs"
-    assert a["lr_schedulers"] == b["lr_schedulers"]
-    metrics_a = json.loads((tmp_path / "straight" / "metrics.json").read_text())
-    metrics_b = json.loads((resumed_dir / "metrics.json").read_text())
-    assert metrics_a == metrics_b and straight == resumed
+    _assert_same_end(tmp_path / "straight", resumed_dir, 2 * n)
+    assert straight == resumed
+
+
+def test_kill_and_resume_under_ddp_equals_training_straight(tmp_path):
+    # 2 gloo processes x 4 images: 2 steps per epoch, killed after step 3 (mid second epoch); every
+    # rank continues its own share of the epoch, with rank 0's saved generators
+    overrides = [*RESUME, "trainer=ddp_cpu", "data.num_workers=0", "trainer.max_steps=6"]
+    _mtl_train(tmp_path / "straight", overrides, tmp_path)
+    _killed_run(tmp_path / "resumed", overrides, 3, tmp_path)
+    _mtl_train(tmp_path / "resumed", overrides, tmp_path)
+    _assert_same_end(tmp_path / "straight", tmp_path / "resumed", 6)
 
 
 SAVE_TWICE = """
