@@ -185,3 +185,22 @@ def test_resume_checkpoint_picks_the_newest_and_explains_a_missing_one(make_cfg,
     assert resume_checkpoint(make_cfg(["auto_resume=false"], run_dir=run)) is None
     os.utime(last, (3_000, 3_000))
     assert resume_checkpoint(make_cfg([], run_dir=run)) == str(last)
+
+
+def test_loader_position_at_the_end_of_an_epoch_points_at_the_next_one():
+    data = list(range(16))
+    loader = ResumableLoader(SeededSamples(data), batch_size=4, sampler=EpochSampler(data, seed=0))
+    loader.sampler.set_epoch(2)
+    loader.progress = lambda: (1, 4)
+    assert loader.state_dict() == {"epoch": 2, "batches": 1}
+    loader.progress = lambda: (2, 2)  # limit_train_batches: the trainer's epoch is 2 of the 4 batches
+    assert loader.state_dict() == {"epoch": 3, "batches": 0}
+    reference = EpochSampler(data, seed=0)
+    reference.set_epoch(3)
+    epoch3 = [i for i, _ in reference]
+    loader.load_state_dict({"epoch": 3, "batches": 0})
+    assert [i for batch in loader for i in batch.tolist()] == epoch3
+    loader.load_state_dict({"epoch": 3, "batches": 1})
+    assert [i for batch in loader for i in batch.tolist()] == epoch3[4:]
+    loader.load_state_dict({"epoch": 2, "batches": 4})  # a whole epoch done: the next one from its start
+    assert [i for batch in loader for i in batch.tolist()] == epoch3

@@ -131,7 +131,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             loader = ResumableLoader(
                 SeededSamples(dataset), batch_size=self.batch_size, sampler=sampler, drop_last=True, **common
             )
-            loader.batches_done = self._batches_done
+            loader.progress = self._epoch_progress
             return loader
         sampler = None
         if world > 1:
@@ -140,13 +140,15 @@ class MultiTaskDataModule(L.LightningDataModule):
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         return DataLoader(dataset, batch_size=self.val_batch_size, shuffle=False, sampler=sampler, **common)
 
-    def _batches_done(self) -> int:
-        """Batches of the current epoch that a checkpoint written now holds, counted as Lightning
-        counts them on resume: a batch whose step finished but whose `on_train_batch_end` did not
-        (a checkpoint written by a callback there) is done; a batch caught mid-step is redone."""
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+    def _epoch_progress(self) -> tuple[int, int]:
+        """(batches of the current epoch that a checkpoint written now holds, batches per epoch),
+        counted as Lightning counts them on resume: a batch whose step finished but whose
+        `on_train_batch_end` did not (a checkpoint written by a callback there) is done; a batch
+        caught mid-step is redone."""
+        trainer = self.trainer
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
         finished_step = progress.ready == progress.started == progress.processed == progress.completed + 1
-        return progress.processed if finished_step else progress.completed
+        return (progress.processed if finished_step else progress.completed), int(trainer.num_training_batches)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")

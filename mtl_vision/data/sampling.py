@@ -96,20 +96,24 @@ class ResumableLoader(DataLoader):
     """A DataLoader over an `EpochSampler` whose position in the epoch goes into checkpoints.
 
     Lightning stores `state_dict()` of training loaders that have one, and hands it back to
-    `load_state_dict` before it iterates the loader on resume. `batches_done` is set by the
-    data module: the batches of the current epoch whose update the checkpoint holds.
+    `load_state_dict` before it iterates the loader on resume. `progress` is set by the data
+    module: (batches of the current epoch whose update a checkpoint written now holds, batches
+    in an epoch as the trainer runs it, which `limit_train_batches` can make fewer than `len`).
     """
 
-    batches_done: Callable[[], int] | None = None
+    progress: Callable[[], tuple[int, int]] | None = None
 
     def state_dict(self) -> dict[str, int]:
         if not isinstance(self.sampler, EpochSampler):
             raise TypeError(f"ResumableLoader needs an EpochSampler, got {type(self.sampler).__name__}")
-        done = self.batches_done() if self.batches_done is not None else 0
-        return {"epoch": int(self.sampler.epoch), "batches": int(done)}
+        epoch = int(self.sampler.epoch)
+        done, per_epoch = self.progress() if self.progress is not None else (0, len(self))
+        if done >= per_epoch:  # written at the end of an epoch: the next one starts afresh
+            epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "batches": int(done)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         epoch, batches = int(state["epoch"]), int(state["batches"])
-        if batches >= len(self):  # saved at the end of an epoch: the next one starts afresh
+        if batches >= len(self):
             epoch, batches = epoch + 1, 0
         self.sampler.start_at(epoch, batches * self.batch_size)
