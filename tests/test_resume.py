@@ -16,8 +16,10 @@ import pytest
 import torch
 from conftest import TINY_MODEL
 
+from mtl_vision.cli.build import build_datamodule, build_module
 from mtl_vision.cli.train import resume_checkpoint, train
 from mtl_vision.data.sampling import EpochSampler, ResumableLoader, SeededSamples, sample_seed
+from mtl_vision.engine.module import BALANCER_STATE_KEY
 
 TESTS_DIR = Path(__file__).parent
 
@@ -204,3 +206,29 @@ def test_loader_position_at_the_end_of_an_epoch_points_at_the_next_one():
     assert [i for batch in loader for i in batch.tolist()] == epoch3[4:]
     loader.load_state_dict({"epoch": 2, "batches": 4})  # a whole epoch done: the next one from its start
     assert [i for batch in loader for i in batch.tolist()] == epoch3
+
+
+def test_a_stateful_aggregator_resumes_with_its_state(make_cfg):
+    # Nash-MTL solving every 2nd step: the step after a resume must reuse the weights solved before it
+    cfg = make_cfg(["balancer=nashmtl", "balancer.aggregator.update_weights_every=2", "data.tasks=[semseg,depth,edge]"])
+    datamodule = build_datamodule(cfg)
+    first, resumed, fresh = (build_module(cfg, datamodule) for _ in range(3))
+    gen = torch.Generator().manual_seed(0)
+    jacobians = [torch.randn(3, 40, generator=gen, dtype=torch.float64) for _ in range(3)]
+    gramians = [j @ j.T for j in jacobians]
+    first.balancer.weights_from_gramian(gramians[0])  # solved
+    checkpoint = {}
+    first.on_save_checkpoint(checkpoint)
+    resumed.on_load_checkpoint(checkpoint)
+    expected = first.balancer.weights_from_gramian(gramians[1])  # the weights of step 0, reused
+    assert torch.equal(resumed.balancer.weights_from_gramian(gramians[1]), expected)
+    assert not torch.allclose(fresh.balancer.weights_from_gramian(gramians[1]), expected), (
+        "the state made no difference"
+    )
+    assert torch.equal(
+        resumed.balancer.weights_from_gramian(gramians[2]), first.balancer.weights_from_gramian(gramians[2])
+    )
+
+    stateless = {}
+    build_module(make_cfg(["balancer=pcgrad"]), datamodule).on_save_checkpoint(stateless)
+    assert BALANCER_STATE_KEY not in stateless

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -87,3 +87,12 @@ class Balancer(nn.Module, ABC):
 
     def on_train_epoch_end(self) -> None:
         """Called at the end of every training epoch."""
+
+    def checkpoint_state(self) -> Any:
+        """State outside parameters and buffers (a solver's warm start, say) that a checkpoint must
+        carry for an exact resume; None when there is none."""
+        return None
+
+    def load_checkpoint_state(self, state: Any) -> None:
+        """Restore what `checkpoint_state` returned."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no checkpoint state, got {type(state).__name__}")

@@ -25,11 +25,13 @@ step itself is `engine.task_gradients`.
 from __future__ import annotations
 
 import inspect
+import pickle
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torchjd import Stateful
 from torchjd.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator
 
 from mtl_vision.balancing.base import Balancer
@@ -174,6 +176,20 @@ class GradientBalancer(Balancer):
 
     def after_step(self, losses: Mapping[str, Tensor] | None = None) -> None:
         self.steps += 1
+
+    def checkpoint_state(self) -> bytes | None:
+        # torchjd's stateful aggregators (Nash-MTL: warm start, step counter, cached weights) keep
+        # their state in plain attributes and cvxpy problems, so the aggregator goes in whole
+        return pickle.dumps(self.aggregator) if isinstance(self.aggregator, Stateful) else None
+
+    def load_checkpoint_state(self, state: bytes) -> None:
+        aggregator = pickle.loads(state)  # the run's own checkpoint, loaded to resume it
+        if type(aggregator) is not type(self.aggregator):
+            raise ValueError(
+                f"the checkpoint's balancer state is a {type(aggregator).__name__}, "
+                f"but this run's aggregator is a {type(self.aggregator).__name__}"
+            )
+        self.aggregator = aggregator
 
 
 def _takes(factory: Callable[..., Any], name: str) -> bool:

@@ -33,6 +33,8 @@ from mtl_vision.metrics.delta_m import DeltaM
 from mtl_vision.tasks import check_task_keys, get_task
 
 RUN_INFO_KEY = "mtl_vision"
+# what the balancer keeps outside its parameters and buffers (see Balancer.checkpoint_state)
+BALANCER_STATE_KEY = "balancer_state"
 
 
 class MultiTaskModule(L.LightningModule):
@@ -272,9 +274,14 @@ class MultiTaskModule(L.LightningModule):
         # dropout, drop-path and anything else drawing from the global generators continues where
         # it was (under DDP the ranks draw alike, so rank 0's states stand for all)
         checkpoint[RNG_KEY] = rng_states()
+        balancer_state = self.balancer.checkpoint_state()
+        if balancer_state is not None:
+            checkpoint[BALANCER_STATE_KEY] = balancer_state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_to_restore = checkpoint.get(RNG_KEY)
+        if BALANCER_STATE_KEY in checkpoint:
+            self.balancer.load_checkpoint_state(checkpoint[BALANCER_STATE_KEY])
 
     def on_train_start(self) -> None:
         # restored here, after everything that runs between loading and the first step (building
