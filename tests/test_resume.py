@@ -19,6 +19,7 @@ from conftest import TINY_MODEL
 from mtl_vision.cli.build import build_datamodule, build_module
 from mtl_vision.cli.train import resume_checkpoint, train
 from mtl_vision.data.sampling import EpochSampler, ResumableLoader, SeededSamples, sample_seed
+from mtl_vision.engine.checkpoint import AtomicCheckpointIO
 from mtl_vision.engine.module import BALANCER_STATE_KEY
 
 TESTS_DIR = Path(__file__).parent
@@ -125,6 +126,10 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     assert tmp.is_file(), "the kill came after the save finished; nothing was tested"
     checkpoint = torch.load(target, map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 1 and torch.equal(checkpoint["w"], torch.arange(10.0))
+    # the resumed job's next save replaces the checkpoint and clears the killed save's leftover
+    AtomicCheckpointIO().save_checkpoint({"global_step": 3}, target)
+    assert torch.load(target, weights_only=True) == {"global_step": 3}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
 
 
 def test_epoch_sampler_shards_resumes_and_seeds_by_index():

@@ -18,7 +18,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes `<path>.tmp-<pid>`, flushes it to disk, then renames it over `<path>`.
 
     The rename is atomic on POSIX file systems, so readers (and a requeued job resuming from
-    `last.ckpt`) see either the previous complete file or the new complete file.
+    `last.ckpt`) see either the previous complete file or the new complete file. A process killed
+    in the middle of a save leaves its temporary file behind; the next successful save of the same
+    path removes it (only rank 0 writes checkpoints, so no other writer's file is in progress).
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
@@ -35,6 +37,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
+        for stale in target.parent.glob(f"{target.name}.tmp-*"):
+            stale.unlink(missing_ok=True)
 
 
 RNG_KEY = "rng_states"
