@@ -20,26 +20,26 @@ from mtl_vision.tasks import check_tasks, get_task
 
 class MultiTaskDataModule(L.LightningDataModule):
     """Args:
-    dataset: `dataset(split=..., tasks=..., transform=...) -> Dataset` whose items are task dicts
-        ({"image": 3xHxW in [0,1], <task>: target, "meta": {...}}) and which exposes
-        `class_names: dict[task, list[str]]` for its class-map tasks.
-    tasks: the tasks to train, e.g. [semseg, depth, normals, edge].
-    train_split, val_split: split names passed to the factory.
-    batch_size: per-process training batch size; val_batch_size defaults to it.
-    num_workers: DataLoader workers per process.
-    edge_pos_weight: weight of boundary pixels in the edge loss (dataset protocol).
-    edge_tolerance: boundary matching tolerance as a fraction of the image diagonal.
-    loss_weights: the reference papers' per-task weights, used by `balancer=fixed`.
-    train_transform, val_transform: joint transforms `sample -> sample` handed to the dataset
-        of each split (see `mtl_vision.data.transforms`); None = as stored.
-    root: the dataset folder, handed to the dataset factory (None for generated data).
-    layout: on-disk layout to force (e.g. NYUD `nyud_mt`, `nyudv2`, `mtan`); None = detect.
-    crop_size: [height, width] of training crops and padded validation images, read by the
-        transforms' config; kept here as part of the dataset protocol.
-    name: the dataset's short name (`nyud`, `pascal_context`, `synthetic`), used for the
-        single-task baselines file and in reports.
-    seed: the run's seed; the training order and the augmentation of every sample are
-        functions of (seed, epoch, index) (see `data.sampling`), which makes resume exact.
+        dataset: `dataset(split=..., tasks=..., transform=...) -> Dataset` whose items are task dicts
+            ({"image": 3xHxW in [0,1], <task>: target, "meta": {...}}) and which exposes
+            `class_names: dict[task, list[str]]` for its class-map tasks.
+        tasks: the tasks to train, e.g. [semseg, depth, normals, edge].
+        train_split, val_split: split names passed to the factory.
+        batch_size: per-process training batch size; val_batch_size defaults to it.
+        num_workers: DataLoader workers per process.
+        edge_pos_weight: weight of boundary pixels in the edge loss (dataset protocol).
+        edge_tolerance: boundary matching tolerance as a fraction of the image diagonal.
+        loss_weights: the reference papers' per-task weights, used by `balancer=fixed`.
+        train_transform, val_transform: joint transforms `sample -> sample` handed to the dataset
+            of each split (see `mtl_vision.data.transforms`); None = as stored.
+        root: the dataset folder, handed to the dataset factory (None for generated data).
+        layout: on-disk layout to force (e.g. NYUD `nyud_mt`, `nyudv2`, `mtan`); None = detect.
+        crop_size: [height, width] of training crops and padded validation images, read by the
+            transforms' config; kept here as part of the dataset protocol.
+        name: the dataset's short name (`nyud`, `pascal_context`, `synthetic`), used for the
+            single-task baselines file and in reports.
+        seed: the run's seed; the training order and the augmentation of every sample are
+            functions of (seed, epoch, index) (see `data.sampling`), which makes resume exact.
     """
 
     def __init__(

@@ -77,12 +77,16 @@ def sweep_group(run_dir: str | os.PathLike) -> str | None:
     return f"slurm-{array_job}" if array_job else None
 
 
-def finish_wandb(exit_code: int | None = None) -> None:
+def finish_wandb(exit_code: int | None = None) -> str | None:
     """Close this process's wandb run, if one is open: flushes it (offline runs are complete on
-    disk) and stops a later logger from reusing it. Call it once a job is over."""
+    disk) and stops a later logger from reusing it. Call it once a job is over. Returns the id of
+    the run it finished, None when none was open."""
     wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.finish(exit_code=exit_code)
+    if wandb is None or wandb.run is None:
+        return None
+    run_id = wandb.run.id
+    wandb.finish(exit_code=exit_code)
+    return run_id
 
 
 def wandb_logger(
@@ -111,12 +115,12 @@ def wandb_logger(
     """
     mode = wandb_mode(mode)
     Path(save_dir).mkdir(parents=True, exist_ok=True)  # wandb falls back to a temporary folder otherwise
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        # A run still open in this process belongs to an earlier job (Hydra's basic launcher runs a
-        # sweep's jobs one after another in one process); Lightning would log this job into it.
-        log.info("finishing the open wandb run %s of an earlier job", wandb.run.id)
-        wandb.finish()
+    # A run still open in this process belongs to an earlier job that did not finish it (Hydra's
+    # basic launcher runs a sweep's jobs one after another in one process); Lightning would log
+    # this job into it.
+    finished = finish_wandb()
+    if finished is not None:
+        log.info("finished the open wandb run %s of an earlier job", finished)
     return WandbLogger(
         save_dir=save_dir,
         project=project,
