@@ -2,7 +2,8 @@
 
 Class maps use a fixed palette (the PASCAL VOC bit-interleaved palette, so class colours match
 what users know), ignore pixels are white; depth uses a perceptual ramp with invalid pixels black;
-normals are shown as (n+1)/2; boundaries and saliency as heat maps.
+normals are shown as (n+1)/2; boundaries and saliency as heat maps. Non-finite values (a
+diverged prediction) are magenta in every map, so they are seen rather than hidden.
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ _RAMP = torch.tensor(
 )
 
 
+NAN_RGB = (1.0, 0.0, 1.0)  # magenta: inf or NaN
+
+
+def _mark_non_finite(rgb: Tensor, bad: Tensor) -> Tensor:
+    """rgb (N,3,H,W) with the pixels of `bad` (N,H,W) set to `NAN_RGB`."""
+    colour = torch.tensor(NAN_RGB, device=rgb.device, dtype=rgb.dtype).view(1, 3, 1, 1)
+    return torch.where(bad.unsqueeze(1), colour, rgb)
+
+
 def _batched(x: Tensor) -> Tensor:
     """Accept (H,W), (N,H,W) or (N,1,H,W); return (N,H,W)."""
     if x.dim() == 2:
@@ -46,13 +56,14 @@ def _batched(x: Tensor) -> Tensor:
 
 
 def _ramp(values: Tensor) -> Tensor:
-    """values (N,H,W) in [0,1] -> (N,3,H,W)."""
-    pos = values.clamp(0, 1) * (len(_RAMP) - 1)
+    """values (N,H,W) in [0,1] -> (N,3,H,W); non-finite values magenta."""
+    bad = ~values.isfinite()
+    pos = values.nan_to_num(0.0).clamp(0, 1) * (len(_RAMP) - 1)
     low = pos.floor().long().clamp(max=len(_RAMP) - 2)
     frac = (pos - low.float()).unsqueeze(-1)
     ramp = _RAMP.to(values.device)
     rgb = ramp[low] * (1 - frac) + ramp[low + 1] * frac
-    return rgb.permute(0, 3, 1, 2)
+    return _mark_non_finite(rgb.permute(0, 3, 1, 2), bad)
 
 
 def colorize_labels(labels: Tensor) -> Tensor:
@@ -61,14 +72,15 @@ def colorize_labels(labels: Tensor) -> Tensor:
 
 
 def colorize_depth(depth: Tensor) -> Tensor:
-    """Each image scaled to its own valid range; invalid (<= 0) pixels black."""
+    """Each image scaled to its own valid range; invalid (<= 0) pixels black, inf/NaN magenta."""
     depth = _batched(depth).float()
-    valid = depth > 0
+    bad = ~depth.isfinite()
+    valid = (depth > 0) & ~bad
     big, small = torch.finfo(depth.dtype).max, torch.finfo(depth.dtype).min
     lo = torch.where(valid, depth, big).flatten(1).min(1).values.view(-1, 1, 1)
     hi = torch.where(valid, depth, small).flatten(1).max(1).values.view(-1, 1, 1)
     scaled = (depth - lo) / (hi - lo).clamp(min=1e-6)
-    return _ramp(1.0 - scaled) * valid.unsqueeze(1)
+    return _mark_non_finite(_ramp(1.0 - scaled) * valid.unsqueeze(1), bad)
 
 
 def colorize_normals(normals: Tensor) -> Tensor:
@@ -76,7 +88,9 @@ def colorize_normals(normals: Tensor) -> Tensor:
         normals = normals[None]
     if normals.dim() != 4 or normals.shape[1] != 3:
         raise ValueError(f"normals must be (N,3,H,W), got {tuple(normals.shape)}")
-    return ((normals.float() + 1.0) / 2.0).clamp(0, 1)
+    normals = normals.float()
+    bad = ~normals.isfinite().all(1)
+    return _mark_non_finite(((normals.nan_to_num(0.0) + 1.0) / 2.0).clamp(0, 1), bad)
 
 
 def colorize_heat(prob: Tensor) -> Tensor:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import traceback
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from mtl_vision.errors import USER_ERRORS
 
 # registers ${sweep_direction:} (conf/hparams_search/optuna.yaml)
 from mtl_vision.cli import sweeps  # noqa: F401
@@ -54,3 +59,23 @@ def check_config_dir() -> Path:
             f"config tree not found at {CONFIG_DIR}; install the project from its checkout with `pip install -e .`"
         )
     return CONFIG_DIR
+
+
+def one_line(err: BaseException) -> str:
+    message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(str(message).split())
+
+
+def exit_with_one_line(err: BaseException, log_file: Path | None = None) -> None:
+    """Print `err` as one line and exit with status 1; the traceback goes to `log_file` (when it
+    exists) and is printed in full with `HYDRA_FULL_ERROR=1`."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
+    where = ""
+    if log_file is not None and log_file.parent.is_dir():
+        with open(log_file, "a") as f:
+            f.write("".join(traceback.format_exception(err)))
+        where = f" (traceback in {log_file}; HYDRA_FULL_ERROR=1 prints it)"
+    logging.shutdown()
+    print(f"error: {one_line(err)}{where}", file=sys.stderr, flush=True)
+    raise SystemExit(1) from None

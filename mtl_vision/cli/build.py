@@ -144,6 +144,7 @@ def build_module(
         gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
         gradient_clip_algorithm=cfg.trainer.get("gradient_clip_algorithm"),
         accumulate_grad_batches=cfg.trainer.get("accumulate_grad_batches") or 1,
+        max_consecutive_nonfinite=cfg.get("guard", {}).get("max_consecutive_nonfinite", 25),
         run_info=run_info(cfg, facts) if save_run_info else None,
     )
 

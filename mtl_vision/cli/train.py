@@ -7,13 +7,15 @@ final weights) and returns the monitored value, so Hydra sweepers can optimise i
 from __future__ import annotations
 
 import logging
+import shlex
 from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mtl_vision.cli import CONFIG_DIR, check_config_dir
+from mtl_vision.cli import CONFIG_DIR, USER_ERRORS, check_config_dir, exit_with_one_line
 from mtl_vision.cli.build import (
     build_datamodule,
     build_delta_m,
@@ -22,7 +24,11 @@ from mtl_vision.cli.build import (
     resolve_monitor,
     write_baseline,
 )
+from mtl_vision.cli.preflight import preflight
+from mtl_vision.cli.resume import read_resume_point, resume_checkpoint
 from mtl_vision.engine.callbacks import ImageThroughput
+from mtl_vision.engine.history import continue_history
+from mtl_vision.engine.interrupt import TrainingInterrupted
 from mtl_vision.engine.report import print_metric_table, write_json
 from mtl_vision.engine.tracking import finish_wandb
 from mtl_vision.models.summary import format_summary, model_summary
@@ -38,53 +44,66 @@ def summary_size(datamodule) -> tuple[int, int]:
     return tuple(datamodule.val_set[0]["image"].shape[-2:])
 
 
-def resume_checkpoint(cfg: DictConfig) -> str | None:
-    """The checkpoint `fit` resumes from.
+def found_in_run_dir(cfg: DictConfig) -> bool:
+    """Whether the checkpoint to resume from is picked from the run directory (auto_resume,
+    ckpt_path=last) rather than named."""
+    return cfg.get("ckpt_path") in (None, "last")
 
-    `ckpt_path=last` (and, with `auto_resume`, no ckpt_path at all) takes the newest of the run
-    directory's `checkpoints/last.ckpt` and the `hpc_ckpt_<n>.ckpt` that Lightning's SLURM
-    environment writes when the job is preempted; a requeued job thereby continues from its own
-    latest state. Any other value is a checkpoint file.
 
-    Raises:
-        FileNotFoundError: `ckpt_path` names no file, or `last` finds no checkpoint in the run directory.
-    """
-    run_dir = Path(cfg.paths.output_dir)
-    candidates = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
-    newest = str(max(candidates, key=lambda p: p.stat().st_mtime)) if candidates else None
-    ckpt = cfg.get("ckpt_path")
-    if ckpt == "last":
-        if newest is None:
-            raise FileNotFoundError(
-                f"ckpt_path=last: the run directory {run_dir} holds no checkpoints/last.ckpt or hpc_ckpt_*.ckpt; "
-                "point hydra.run.dir at the run to resume"
-            )
-        return newest
-    if ckpt is not None:
-        if not Path(ckpt).is_file():
-            raise FileNotFoundError(f"ckpt_path={str(ckpt)!r}: no such checkpoint file")
-        return str(ckpt)
-    return newest if cfg.get("auto_resume", True) else None
+def write_run_config(cfg: DictConfig, output_dir: Path) -> None:
+    """`<run dir>/.hydra/{config,hydra,overrides}.yaml`, as Hydra writes them; `mtl-train` turns
+    Hydra's own write off (`hydra.output_subdir: null`) so that a run directory's files are only
+    rewritten once its checkpoint is known to fit the new config."""
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    folder = output_dir / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    task_cfg = cfg.copy()
+    with open_dict(task_cfg):
+        task_cfg.pop("hydra", None)
+    OmegaConf.save(task_cfg, folder / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(hydra_cfg)}), folder / "hydra.yaml")
+    OmegaConf.save(hydra_cfg.overrides.task, folder / "overrides.yaml")
+
+
+def resume_command(output_dir: Path) -> str:
+    """The command that continues this run: its overrides and its run directory."""
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    kept = [o for o in overrides if not o.startswith(("hydra.run.dir=", "ckpt_path=", "auto_resume="))]
+    return shlex.join(["mtl-train", *kept, f"hydra.run.dir={output_dir}"])
 
 
 def train(cfg: DictConfig) -> float:
-    """Run one training job from a composed config; returns the monitored metric."""
+    """Run one training job from a composed config; returns the monitored metric.
+
+    Raises:
+        TrainingInterrupted: SIGINT, SIGTERM or SIGUSR1 stopped training after writing a checkpoint.
+    """
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     if cfg.get("write_baselines") and len(datamodule.tasks) != 1:
         raise ValueError(f"write_baselines (experiment=single_task) trains one task, got data.tasks={datamodule.tasks}")
     resolve_monitor(cfg, datamodule.tasks, build_delta_m(cfg))
-    module = build_module(cfg, datamodule, save_run_info=True)
-    trainer = build_trainer(cfg, module)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resume_checkpoint(cfg)
+    point = read_resume_point(ckpt_path, cfg, found=found_in_run_dir(cfg)) if ckpt_path is not None else None
+    module = build_module(cfg, datamodule, save_run_info=True)
+    trainer = build_trainer(cfg, module)
+    warning = preflight(cfg, datamodule, module, trainer, point.global_step if point else 0)
+    # only now that the checkpoint fits: the run directory's config, and its history continued
+    if trainer.is_global_zero:
+        write_run_config(cfg, output_dir)
+    continue_history(trainer.loggers, point.global_step if point else None)
 
     if trainer.is_global_zero:
         log.info(
             "tasks %s, output channels %s; run directory %s", datamodule.tasks, datamodule.task_channels, output_dir
         )
-        if ckpt_path is not None:
-            log.info("resuming from %s", ckpt_path)
+        if point is not None:
+            log.info("resuming from %s (step %d)", ckpt_path, point.global_step)
+        if warning:
+            log.warning("%s", warning)
         if cfg.get("summary", True):
             size = summary_size(datamodule)
             summary = model_summary(module.model, size)
@@ -93,13 +112,6 @@ def train(cfg: DictConfig) -> float:
                 logger.log_hyperparams({f"model/{k}": v for k, v in summary.items()})
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    checkpoint = trainer.checkpoint_callback
-    if checkpoint is not None and checkpoint.save_last and checkpoint.dirpath:
-        # Lightning leaves last.ckpt at the previous validation when max_steps ends training on
-        # an epoch boundary; the last checkpoint must hold the final weights.
-        trainer.save_checkpoint(
-            Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
-        )
     # Lightning skips validation when max_steps ends training mid-epoch; the reported numbers must
     # always describe the final weights, so validate them unless that just happened.
     if module.last_val_step != trainer.global_step or not module.last_val_metrics:
@@ -126,7 +138,18 @@ def train(cfg: DictConfig) -> float:
 def _hydra_main(cfg: DictConfig) -> float:
     if cfg.get("print_config", False):
         log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
-    return train(cfg)
+    try:
+        return train(cfg)
+    except TrainingInterrupted as stop:
+        output_dir = Path(cfg.paths.output_dir)
+        finish_wandb(exit_code=1)
+        if stop.requeued:
+            log.warning("%s; the requeued job resumes from it", stop)
+            raise SystemExit(0) from None
+        log.warning("%s; resume with:\n  %s", stop, resume_command(output_dir))
+        raise SystemExit(128 + stop.signum) from None
+    except USER_ERRORS as err:
+        exit_with_one_line(err, Path(cfg.paths.output_dir) / "train.log")
 
 
 def main() -> None:

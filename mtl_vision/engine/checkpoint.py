@@ -69,13 +69,21 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 
 
 class LastCheckpoint(L.Callback):
-    """Writes `<dirpath>/last.ckpt` every `every_n_train_steps` optimiser steps, so a crashed or
-    killed run resumes from at most that many steps back (ModelCheckpoint writes it only at
-    validation; a second ModelCheckpoint with `save_last` would write `last-v1.ckpt` instead).
+    """Writes `<dirpath>/last.ckpt` every `every_n_train_steps` optimiser steps and after the last
+    step of training, so a crashed or killed run resumes from at most that many steps back, and a
+    finished run can be continued with a larger `max_steps` or `max_epochs`
+    (ModelCheckpoint writes it only at validation; a second ModelCheckpoint with `save_last` would
+    write `last-v1.ckpt` instead).
+
+    Every write happens at the end of a training batch, the point from which Lightning and the
+    data loader's position (`data.sampling.ResumableLoader`) resume exactly. A checkpoint written
+    after `fit` returns would not do: Lightning marks the interrupted epoch as completed by then,
+    so a continued run would skip the rest of it.
 
     Args:
         dirpath: the run's checkpoint folder.
-        every_n_train_steps: steps between writes; 0 turns it off.
+        every_n_train_steps: steps between writes; 0 turns the periodic writes off (the final
+            one stays).
     """
 
     def __init__(self, *, dirpath: str | os.PathLike, every_n_train_steps: int = 1000) -> None:
@@ -85,8 +93,25 @@ class LastCheckpoint(L.Callback):
         self.every_n_train_steps = every_n_train_steps
         self._saved_step: int | None = None
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+    @staticmethod
+    def is_final_batch(trainer: L.Trainer, batch_idx: int) -> bool:
+        """Whether training ends after this batch (max_steps reached, or the last batch of the
+        last epoch)."""
+        if trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step:
+            return True
+        max_epochs = trainer.max_epochs
+        last_epoch = max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs
+        return last_epoch and batch_idx + 1 >= trainer.num_training_batches
+
+    def save(self, trainer: L.Trainer) -> None:
+        trainer.save_checkpoint(self.path)  # every rank calls it; the strategy writes on rank 0
+        self._saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
         step = trainer.global_step
-        if self.every_n_train_steps and step % self.every_n_train_steps == 0 and step != self._saved_step:
-            trainer.save_checkpoint(self.path)  # every rank calls it; the strategy writes on rank 0
-            self._saved_step = step
+        if step == self._saved_step:
+            return
+        periodic = self.every_n_train_steps and step % self.every_n_train_steps == 0
+        if periodic or self.is_final_batch(trainer, batch_idx):
+            self.save(trainer)

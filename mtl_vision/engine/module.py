@@ -26,6 +26,7 @@ from torchmetrics import Metric
 
 from mtl_vision.balancing import Balancer
 from mtl_vision.engine.checkpoint import RNG_KEY, restore_rng_states, rng_states
+from mtl_vision.engine.guard import NonFiniteGuard, non_finite_keys
 from mtl_vision.engine.task_gradients import TaskGradientStep
 from mtl_vision.losses import MultiTaskLoss
 from mtl_vision.metrics.delta_m import KEY as DELTA_M_KEY
@@ -35,6 +36,8 @@ from mtl_vision.tasks import check_task_keys, get_task
 RUN_INFO_KEY = "mtl_vision"
 # what the balancer keeps outside its parameters and buffers (see Balancer.checkpoint_state)
 BALANCER_STATE_KEY = "balancer_state"
+# the non-finite step counter (see engine.guard)
+GUARD_STATE_KEY = "nonfinite_guard"
 
 
 class MultiTaskModule(L.LightningModule):
@@ -56,6 +59,8 @@ class MultiTaskModule(L.LightningModule):
         gradient_clip_val, gradient_clip_algorithm, accumulate_grad_batches: the Trainer's
             settings of the same names, applied here when the balancer needs task gradients
             (Lightning does not apply them under manual optimisation).
+        max_consecutive_nonfinite: stop the run when this many optimiser steps in a row had a
+            non-finite loss or gradient (each one is skipped; see `engine.guard`); 0 never stops.
         run_info: stored in every checkpoint under `RUN_INFO_KEY` so that `mtl-eval` and
             `mtl-predict` can rebuild the model from the file alone: the resolved run config and
             the dataset facts the heads were built from (see `cli.build.run_info`).
@@ -77,6 +82,7 @@ class MultiTaskModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
         accumulate_grad_batches: int = 1,
+        max_consecutive_nonfinite: int = 25,
         run_info: dict | None = None,
     ) -> None:
         super().__init__()
@@ -110,6 +116,8 @@ class MultiTaskModule(L.LightningModule):
         self._task_step: TaskGradientStep | None = None
         self._last_batch: Mapping[str, Any] | None = None
         self._rng_to_restore: dict[str, Any] | None = None
+        self.guard = NonFiniteGuard(max_consecutive=max_consecutive_nonfinite)
+        self._last_losses: dict[str, Tensor] = {}
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:
         return self.model(image)
@@ -139,6 +147,7 @@ class MultiTaskModule(L.LightningModule):
             self.log("train/experts/aux_loss", expert_loss.detach(), batch_size=batch_size)
         if self.expert_stats_every > 0 and self.global_step % self.expert_stats_every == 0:
             self._log_expert_stats()
+        self._last_losses = {t: v.detach() for t, v in losses.items()}
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
         for task in self.tasks:
             self.log(f"train/{task}/loss", losses[task].detach(), batch_size=batch_size)
@@ -211,9 +220,28 @@ class MultiTaskModule(L.LightningModule):
             if scheduler is not None:
                 scheduler.step()
         else:
-            self.log("train/skipped_steps", 1.0, reduce_fx="sum")
+            self.guard.skip(self.parameters())
+            self._after_guard()
         optimizer.zero_grad(set_to_none=True)
         self.balancer.after_step(None)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        accumulate = self.accumulate_grad_batches if not self.automatic_optimization else self.trainer.accumulate_grad_batches
+        if batch_idx % accumulate == 0:  # the first micro-batch of an optimiser step
+            self.guard.snapshot(self.model)
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Every optimisation path and precision passes here with complete (unscaled) gradients:
+        a non-finite step is undone (see `engine.guard`)."""
+        self.guard.check(self.parameters())
+        self._after_guard()
+
+    def _after_guard(self) -> None:
+        self.log("train/skipped_steps", float(self.guard.skipped), reduce_fx="max")
+        if self.guard.exhausted:
+            losses = {t: float(v) for t, v in self._last_losses.items()}
+            lrs = [g["lr"] for opt in self.trainer.optimizers for g in opt.param_groups]
+            raise self.guard.error(self.global_step, losses, max(lrs) if lrs else None)
 
     def on_train_epoch_end(self) -> None:
         self.balancer.on_train_epoch_end()
@@ -269,6 +297,13 @@ class MultiTaskModule(L.LightningModule):
         self.last_val_step = None if self.trainer.sanity_checking else self.global_step
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        bad = non_finite_keys(checkpoint.get("state_dict", {}))
+        if bad:
+            raise ValueError(
+                f"refusing to write a checkpoint at step {self.global_step}: the weights hold inf/NaN in {bad}; "
+                "the previous checkpoints are kept"
+            )
+        checkpoint[GUARD_STATE_KEY] = self.guard.state_dict()
         if self.run_info is not None:
             checkpoint[RUN_INFO_KEY] = self.run_info
         # dropout, drop-path and anything else drawing from the global generators continues where
@@ -279,6 +314,7 @@ class MultiTaskModule(L.LightningModule):
             checkpoint[BALANCER_STATE_KEY] = balancer_state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.guard.load_state_dict(checkpoint.get(GUARD_STATE_KEY, {}))
         self._rng_to_restore = checkpoint.get(RNG_KEY)
         if BALANCER_STATE_KEY in checkpoint:
             self.balancer.load_checkpoint_state(checkpoint[BALANCER_STATE_KEY])
