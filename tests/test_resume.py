@@ -40,15 +40,25 @@ def _last(run: Path) -> dict:
     return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
 
 
-def _mtl_train(run: Path, overrides: list[str], tmp_path: Path, *extra: str, returncode: int = 0) -> None:
+def _command(run: Path | None, overrides: list[str], tmp_path: Path, *extra: str) -> list[str]:
+    where = [f"hydra.run.dir={run}"] if run is not None else []
+    return [sys.executable, "-m", "mtl_vision.cli.train", *overrides, *extra, *where, f"paths.log_dir={tmp_path / 'logs'}"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(TESTS_DIR), "OMP_NUM_THREADS": "2", **extra}
+
+
+def _mtl_train(
+    run: Path | None, overrides: list[str], tmp_path: Path, *extra: str, returncode: int = 0, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """`mtl-train <overrides> <extra>` in a child process, in run directory `run`."""
-    cmd = [
-        sys.executable, "-m", "mtl_vision.cli.train", *overrides, *extra,
-        f"hydra.run.dir={run}", f"paths.log_dir={tmp_path / 'logs'}",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(TESTS_DIR), "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    cmd = _command(run, overrides, tmp_path, *extra)
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=env or _env(), capture_output=True, text=True, timeout=600, check=False
+    )  # fmt: skip
     assert proc.returncode == returncode, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 def _killed_run(run: Path, overrides: list[str], kill_at: int, tmp_path: Path) -> None:
@@ -60,8 +70,17 @@ def _killed_run(run: Path, overrides: list[str], kill_at: int, tmp_path: Path) -
     assert _last(run)["global_step"] == kill_at
 
 
+def _history(run: Path) -> list[tuple]:
+    """The rows of `csv/metrics.csv` (without the throughput, which is a time), sorted."""
+    import csv
+
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return sorted(tuple(sorted((k, v) for k, v in r.items() if v != "" and k != "train/images_per_s")) for r in rows)
+
+
 def _assert_same_end(straight: Path, resumed: Path, steps: int) -> None:
-    """Equal weights, optimiser and scheduler states and final validation metrics."""
+    """Equal weights, optimiser and scheduler states, final validation metrics and logged history."""
     a, b = _last(straight), _last(resumed)
     assert a["global_step"] == b["global_step"] == steps
     assert a["state_dict"].keys() == b["state_dict"].keys()
@@ -72,6 +91,7 @@ def _assert_same_end(straight: Path, resumed: Path, steps: int) -> None:
             assert torch.equal(state_a[key], state_b[key]), f"optimiser state {key} differs"
     assert a["lr_schedulers"] == b["lr_schedulers"]
     assert json.loads((straight / "metrics.json").read_text()) == json.loads((resumed / "metrics.json").read_text())
+    assert _history(straight) == _history(resumed), "the logged history differs from the run straight through"
 
 
 @pytest.mark.parametrize("n", [3, 6], ids=["mid-first-epoch", "mid-second-epoch"])
@@ -95,6 +115,97 @@ def test_kill_and_resume_under_ddp_equals_training_straight(tmp_path):
     _killed_run(tmp_path / "resumed", overrides, 3, tmp_path)
     _mtl_train(tmp_path / "resumed", overrides, tmp_path)
     _assert_same_end(tmp_path / "straight", tmp_path / "resumed", 6)
+
+
+def test_resume_from_the_checkpoint_of_a_validation_equals_training_straight(make_cfg, tmp_path):
+    # killed in the second epoch with no periodic checkpoint: last.ckpt is the one ModelCheckpoint
+    # wrote at the validation ending epoch 0, the usual state after a crash or a preemption
+    overrides = [*RESUME, "trainer.max_steps=8"]
+    train(make_cfg(overrides, tiny=False, run_dir=tmp_path / "straight"))
+    resumed = tmp_path / "resumed"
+    kill = "+callbacks.kill={_target_: preempt.KillAtStep, step: 6}"
+    _mtl_train(resumed, overrides, tmp_path, kill, returncode=-signal.SIGKILL)
+    assert _last(resumed)["global_step"] == 4
+    train(make_cfg(overrides, tiny=False, run_dir=resumed))
+    _assert_same_end(tmp_path / "straight", resumed, 8)
+
+
+@pytest.mark.parametrize("n", [3, 4], ids=["stopped-mid-epoch", "stopped-at-epoch-end"])
+def test_a_run_stopped_by_max_steps_continues_with_a_larger_max_steps(make_cfg, tmp_path, n):
+    # a constant learning rate: a schedule's length depends on max_steps
+    overrides = [*RESUME, "~sched"]
+    straight = train(make_cfg([*overrides, f"trainer.max_steps={2 * n}"], tiny=False, run_dir=tmp_path / "straight"))
+    continued = tmp_path / "continued"
+    train(make_cfg([*overrides, f"trainer.max_steps={n}"], tiny=False, run_dir=continued))
+    assert _last(continued)["global_step"] == n
+    again = train(make_cfg([*overrides, f"trainer.max_steps={2 * n}", "ckpt_path=last"], tiny=False, run_dir=continued))
+    _assert_same_end(tmp_path / "straight", continued, 2 * n)
+    assert straight == again
+
+
+def test_ctrl_c_writes_last_ckpt_prints_the_resume_command_and_resumes_exactly(make_cfg, tmp_path):
+    overrides = [*RESUME, "trainer.max_steps=8"]
+    train(make_cfg(overrides, tiny=False, run_dir=tmp_path / "straight"))
+    run = tmp_path / "interrupted"
+    ctrl_c = "+callbacks.ctrl_c={_target_: preempt.SignalAtStep, step: 2, signal: SIGINT}"
+    proc = _mtl_train(run, overrides, tmp_path, ctrl_c, returncode=128 + signal.SIGINT)
+    assert _last(run)["global_step"] == 3, "the step under way when Ctrl-C came is finished and saved"
+    assert not (run / "metrics.json").exists()
+    output = proc.stdout + proc.stderr
+    assert "SIGINT at step 3" in output and "resume with" in output
+    command = output.split("resume with:")[1].strip().splitlines()[0]
+    assert command.startswith("mtl-train ") and f"hydra.run.dir={run}" in command and "preempt.SignalAtStep" in command
+    train(make_cfg(overrides, tiny=False, run_dir=run))
+    _assert_same_end(tmp_path / "straight", run, 8)
+
+
+def test_sigterm_to_one_ddp_process_stops_both_and_resumes_exactly(tmp_path):
+    overrides = [*RESUME, "trainer=ddp_cpu", "data.num_workers=0", "trainer.max_steps=6"]
+    _mtl_train(tmp_path / "straight", overrides, tmp_path)
+    term = "+callbacks.term={_target_: preempt.SignalAtStep, step: 2, signal: SIGTERM, rank: 0}"
+    _mtl_train(tmp_path / "resumed", overrides, tmp_path, term, returncode=128 + signal.SIGTERM)
+    assert _last(tmp_path / "resumed")["global_step"] == 3
+    _mtl_train(tmp_path / "resumed", overrides, tmp_path)
+    _assert_same_end(tmp_path / "straight", tmp_path / "resumed", 6)
+
+
+FAKE_SCONTROL = """#!/bin/sh
+echo "$@" >> "$SCONTROL_LOG"
+"""
+
+
+def test_sigusr1_in_a_slurm_job_writes_the_hpc_checkpoint_requeues_and_the_requeued_job_resumes(tmp_path):
+    """End to end: a Slurm-like environment, a stand-in `scontrol` on PATH, a real SIGUSR1 sent to
+    the running `mtl-train`, then the same command again (the requeued job) in its own directory."""
+    overrides = [*RESUME, "trainer.max_steps=8"]
+    _mtl_train(tmp_path / "straight", overrides, tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(FAKE_SCONTROL)
+    (bin_dir / "scontrol").chmod(0o755)
+    log_file, progress = tmp_path / "scontrol.log", tmp_path / "progress"
+    env = _env(SLURM_JOB_ID="4242", PATH=f"{bin_dir}:{os.environ['PATH']}", SCONTROL_LOG=str(log_file))
+    slow = f"+callbacks.slow={{_target_: preempt.SlowSteps, progress_file: {progress}, seconds: 0.5}}"
+    cmd = _command(None, overrides, tmp_path, slow)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (progress.is_file() and progress.read_text().strip() == "2"):
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not get going"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    run = tmp_path / "logs" / "train" / "runs" / "slurm-4242"
+    hpc = torch.load(run / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
+    assert 2 <= hpc["global_step"] < 8
+    assert log_file.read_text().split() == ["requeue", "4242"]
+    assert not (run / "metrics.json").exists()
+    requeued = _mtl_train(None, overrides, tmp_path, slow.replace("0.5", "0"), env=env)
+    assert f"resuming from {run / 'hpc_ckpt_1.ckpt'}" in requeued.stdout + requeued.stderr
+    _assert_same_end(tmp_path / "straight", run, 8)
 
 
 SAVE_TWICE = """
@@ -145,7 +256,11 @@ def test_epoch_sampler_shards_resumes_and_seeds_by_index():
     assert full != list(EpochSampler(data, seed=7)), "epochs are shuffled differently"
     sampler.start_at(3, 4)
     assert list(sampler) == full[4:], "a resumed epoch continues where it stopped"
-    assert list(sampler) == full, "the skip applies to one iteration only"
+    assert list(sampler) == full[4:], "Lightning may start a resumed epoch's iterator twice"
+    sampler.set_epoch(4)
+    assert len(list(sampler)) == 10, "another epoch is whole"
+    sampler.set_epoch(3)
+    assert list(sampler) == full, "the skip ends with the first iteration of another epoch"
     sampler.start_at(2, 4)
     sampler.set_epoch(3)
     assert list(sampler) == full, "a skip for another epoch is ignored"

@@ -132,6 +132,8 @@ class MultiTaskDataModule(L.LightningDataModule):
                 SeededSamples(dataset), batch_size=self.batch_size, sampler=sampler, drop_last=True, **common
             )
             loader.progress = self._epoch_progress
+            if trainer is not None:
+                loader.step_of = lambda: int(trainer.global_step)
             return loader
         sampler = None
         if world > 1:

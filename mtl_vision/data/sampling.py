@@ -51,16 +51,23 @@ class EpochSampler(DistributedSampler):
         self._start: tuple[int, int] | None = None  # (epoch, samples of this process to skip)
 
     def start_at(self, epoch: int, skip: int) -> None:
-        """The next iteration is `epoch`, without its first `skip` samples (of this process)."""
+        """Iterations of `epoch` leave out its first `skip` samples (of this process), until an
+        iteration of another epoch begins. Lightning may start the iterator of a resumed epoch
+        twice (it discards the first), so the skip cannot be spent on one iteration."""
         if skip < 0 or skip > self.num_samples:
             raise ValueError(f"skip must be in [0, {self.num_samples}] samples, got {skip}")
         self.set_epoch(epoch)
         self._start = (epoch, skip)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        # decided now, not at the first next(): the epoch may be set again in between
+        return iter(list(self._pairs()))
+
+    def _pairs(self) -> Iterator[tuple[int, int]]:
         start = self._start
-        self._start = None
-        skip = start[1] if start is not None and start[0] == self.epoch else 0
+        if start is not None and start[0] != self.epoch:
+            start = self._start = None
+        skip = start[1] if start is not None else 0
         epoch = self.epoch
         for index in list(super().__iter__())[skip:]:
             yield index, sample_seed(self.seed, epoch, index)
@@ -102,6 +109,26 @@ class ResumableLoader(DataLoader):
     """
 
     progress: Callable[[], tuple[int, int]] | None = None
+    # the trainer's optimiser step count. The epoch of each iteration is decided here, not by the
+    # trainer's `set_epoch`: resuming from a checkpoint written at the end of an epoch, Lightning
+    # passes one epoch too many (written at validation) or too few (written after the last batch),
+    # and it may create an iterator that it then throws away unused.
+    step_of: Callable[[], int] | None = None
+    _next: tuple[int, int] | None = None  # (epoch, batches to skip) of the next iteration
+    _started: tuple[int, int, int] | None = None  # (epoch, skip, step) of the last iteration begun
+
+    def __iter__(self):  # type: ignore[override]
+        if self.step_of is not None and isinstance(self.sampler, EpochSampler):
+            step = self.step_of()
+            if self._next is not None:
+                (epoch, skip), self._next = self._next, None
+            elif self._started is not None and self._started[2] == step:
+                epoch, skip = self._started[:2]  # the last iterator was thrown away before any step
+            else:
+                epoch, skip = (self._started[0] + 1 if self._started is not None else 0), 0
+            self.sampler.start_at(epoch, skip * self.batch_size)
+            self._started = (epoch, skip, step)
+        return super().__iter__()
 
     def state_dict(self) -> dict[str, int]:
         if not isinstance(self.sampler, EpochSampler):
@@ -117,3 +144,4 @@ class ResumableLoader(DataLoader):
         if batches >= len(self):
             epoch, batches = epoch + 1, 0
         self.sampler.start_at(epoch, batches * self.batch_size)
+        self._next, self._started = (epoch, batches), None

@@ -5,7 +5,7 @@ weights (and, through the forward pass, BatchNorm's running statistics) for the 
 and then be written into every checkpoint. `NonFiniteGuard` checks the gradients once per
 optimiser step, after they are complete (and unscaled under `16-mixed`) and before the optimiser
 uses them. A non-finite step is undone: its gradients are dropped, so no parameter and no
-optimiser state moves, and the floating buffers (BatchNorm statistics) are put back to what they
+optimiser state moves, and the buffers (BatchNorm statistics and counts) are put back to what they
 were before the step's forward passes. Under DDP the gradients are already averaged over the
 processes, so every rank takes the same decision without talking to the others.
 """
@@ -59,8 +59,9 @@ class NonFiniteGuard:
         self._buffers: list[tuple[Tensor, Tensor]] = []
 
     def snapshot(self, model: nn.Module) -> None:
-        """Remember the floating buffers before the forward passes of an optimiser step."""
-        buffers = [b for b in model.buffers() if b.is_floating_point()]
+        """Remember the buffers (BatchNorm statistics and batch counts) before the forward passes
+        of an optimiser step."""
+        buffers = list(model.buffers())
         if len(buffers) != len(self._buffers) or any(
             b.shape != c.shape or b.device != c.device for b, (_, c) in zip(buffers, self._buffers)
         ):

@@ -5,7 +5,7 @@ handler writes the hpc checkpoint from inside the signal handler, in the middle 
 resumed run cannot continue exactly. `GracefulStop` only notes the signal; at the end of the
 current training batch (the point `LastCheckpoint` writes at, from which resume is exact) every
 process agrees to stop, the checkpoint is written atomically, and `TrainingInterrupted` ends the
-run. SIGUSR1 inside a Slurm job writes `hpc_ckpt_<n>.ckpt` into the run directory and requeues the
+run at the next hook (once Lightning has logged the saved step). SIGUSR1 inside a Slurm job writes `hpc_ckpt_<n>.ckpt` into the run directory and requeues the
 job with `scontrol requeue`; the requeued job finds its directory and resumes from that file. A
 second Ctrl-C aborts at once, without saving (the previous checkpoints stay as they were).
 """
@@ -64,6 +64,7 @@ class GracefulStop(L.Callback):
         self.run_dir = Path(run_dir)
         self.requeue = requeue
         self.received: int | None = None
+        self._stopping: TrainingInterrupted | None = None
         self._previous: dict[int, Any] = {}
 
     def _signals(self) -> list[int]:
@@ -93,7 +94,7 @@ class GracefulStop(L.Callback):
         # after Lightning's own handlers are installed (it restores the originals at teardown)
         if threading.current_thread() is not threading.main_thread():
             return
-        self.received = None
+        self.received, self._stopping = None, None
         for signum in self._signals():
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handle)
@@ -109,7 +110,7 @@ class GracefulStop(L.Callback):
         stop = self.received is not None
         if trainer.world_size > 1:  # every process stops at the same step, whichever got the signal
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if not stop:
+        if not stop or self._stopping is not None:
             return
         signum = trainer.strategy.broadcast(self.received or signal.SIGTERM, src=0)
         job = slurm_job_id()
@@ -122,4 +123,22 @@ class GracefulStop(L.Callback):
             requeued = result == 0
             if not requeued:
                 log.warning("scontrol requeue %s failed with exit code %s", job, result)
-        raise TrainingInterrupted(signum, path, trainer.global_step, requeued)
+        self._stopping = TrainingInterrupted(signum, path, trainer.global_step, requeued)
+
+    def _stop_if_saved(self, trainer: L.Trainer) -> None:
+        """Raised at the next hook after the save, once Lightning has logged the saved step."""
+        if self._stopping is None:
+            return
+        for logger in trainer.loggers:
+            logger.save()
+        stopping, self._stopping = self._stopping, None
+        raise stopping
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._stop_if_saved(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if_saved(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if_saved(trainer)

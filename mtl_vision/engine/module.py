@@ -184,7 +184,7 @@ class MultiTaskModule(L.LightningModule):
         """Manual optimisation for gradient balancers: see `engine.task_gradients`."""
         if self._task_step is None:
             self._task_step = TaskGradientStep(self.model, self.balancer, self.tasks)
-        scaler, scale = self._loss_scale()
+        _, scale = self._loss_scale()
 
         def extra_loss() -> Tensor | None:
             expert = self._expert_aux_loss()
@@ -198,30 +198,28 @@ class MultiTaskModule(L.LightningModule):
             batch_idx + 1 == self.trainer.num_training_batches
         )
         if boundary:
-            self._apply_task_gradients(scaler, scale)
+            self._apply_task_gradients(scale)
         total = self.balancer(losses)
         expert_loss = None if extra is None else extra.detach() / self.expert_aux_weight
         return total, losses, expert_loss
 
-    def _apply_task_gradients(self, scaler: Any, scale: float) -> None:
+    def _apply_task_gradients(self, scale: float) -> None:
         optimizer = self.optimizers()
         finite, _, stats = self._task_step.write_gradients(scale=scale)
         for key, value in stats.items():
             self.log(f"train/{key}", value)
-        if finite or scaler is not None:  # with a scaler, GradScaler skips a non-finite step itself
-            if finite and self.gradient_clip_val:
-                params = [p for p in self.parameters() if p.grad is not None]
-                if self.gradient_clip_algorithm == "norm":
-                    torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_val * scale)
-                else:
-                    torch.nn.utils.clip_grad_value_(params, self.gradient_clip_val * scale)
-            optimizer.step()
-            scheduler = self.lr_schedulers()
-            if scheduler is not None:
-                scheduler.step()
-        else:
-            self.guard.skip(self.parameters())
-            self._after_guard()
+        if finite and self.gradient_clip_val:
+            params = [p for p in self.parameters() if p.grad is not None]
+            if self.gradient_clip_algorithm == "norm":
+                torch.nn.utils.clip_grad_norm_(params, self.gradient_clip_val * scale)
+            else:
+                torch.nn.utils.clip_grad_value_(params, self.gradient_clip_val * scale)
+        # a non-finite step goes through too: on_before_optimizer_step drops its gradients, so it
+        # moves nothing and is counted as in automatic optimisation (GradScaler skips it as well)
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         self.balancer.after_step(None)
 
