@@ -8,6 +8,8 @@ metrics and pictures all read `TASKS`; adding a task touches this file plus its 
 
 from __future__ import annotations
 
+import difflib
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -184,11 +186,15 @@ def get_task(name: str) -> TaskSpec:
     try:
         return TASKS[name]
     except KeyError:
-        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}") from None
+        close = difflib.get_close_matches(str(name), list(TASKS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown task {name!r}{hint} (known tasks: {sorted(TASKS)})") from None
 
 
 def check_tasks(names: Sequence[str], *, where: str) -> list[str]:
     """Validate a task list from config: known names, no duplicates, not empty."""
+    if isinstance(names, str):
+        raise ValueError(f"{where}={names!r} must be a list of tasks, e.g. {where}=[{names}]")
     names = list(names)
     if not names:
         raise ValueError(f"{where}: the task list is empty")

@@ -60,12 +60,12 @@ def _eval(run: Path, *overrides: str, out: Path | None = None) -> dict[str, floa
 def test_eval_reproduces_the_training_metrics(run):
     trained = json.loads((run / "metrics.json").read_text())
     metrics = _eval(run)
-    on_disk = json.loads((run / "eval.json").read_text())
+    on_disk = json.loads((run / "eval_last.json").read_text())
     assert on_disk == pytest.approx(metrics)
     assert set(on_disk) == set(trained)
     for key, value in trained.items():
         assert on_disk[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
-    report = (run / "eval.md").read_text()
+    report = (run / "eval_last.md").read_text()
     assert "| semseg mIoU ↑ |" in report and "7 images" in report
 
 
@@ -76,7 +76,7 @@ def test_eval_under_ddp_equals_one_process_on_an_odd_split(run, tmp_path):
     cmd = [sys.executable, "-m", "mtl_vision.cli.eval", f"ckpt={ckpt}", "trainer=ddp_cpu", "edge_exact=false"]
     proc = subprocess.run([*cmd, f"hydra.run.dir={out}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ddp = json.loads((out / "eval.json").read_text())
+    ddp = json.loads((out / "eval_last.json").read_text())
     # eval's Hydra files go beside the training run's .hydra/, never over it
     assert (out / ".hydra_eval" / "config.yaml").is_file() and not (out / ".hydra").exists()
     assert set(ddp) == set(single)
@@ -121,7 +121,7 @@ def test_eval_report_has_delta_m_when_baselines_cover_every_task(run, tmp_path):
         update_baselines(baselines, task, {k: (v * 1.1 if v else 1.0) for k, v in values.items()})
     metrics = _eval(run, f"delta_m.baselines={baselines}", out=tmp_path / "out")
     assert "val/delta_m" in metrics and metrics["val/delta_m"] < 0
-    report = (tmp_path / "out" / "eval.md").read_text()
+    report = (tmp_path / "out" / "eval_last.md").read_text()
     assert "single-task baselines" in report and f"{metrics['val/delta_m']:+.2f}" in report
 
 
@@ -181,3 +181,31 @@ def test_predict_errors(run, tmp_path):
         predict(
             _compose("predict", [ckpt, f"input={tmp_path / 'nope.png'}", f"output={tmp_path / 'o'}"], tmp_path / "o")
         )
+
+
+def test_eval_names_its_reports_after_the_checkpoint(run, tmp_path):
+    out = tmp_path / "out"
+    _eval(run, out=out)
+    evaluate(_compose("eval", [f"ckpt={run / 'checkpoints' / 'best.ckpt'}", "edge_exact=false"], out))
+    assert {p.name for p in out.glob("eval_*")} == {"eval_last.json", "eval_last.md", "eval_best.json", "eval_best.md"}
+
+
+def test_eval_refuses_a_data_root_for_generated_data(run, tmp_path):
+    with pytest.raises(ValueError, match=r"data.root='/data/x': the checkpoint's dataset \(synthetic\) reads no files"):
+        _eval(run, "data.root=/data/x", out=tmp_path / "out")
+
+
+def test_predict_skips_unreadable_images_refuses_clashes_and_downscales(run, tmp_path):
+    ckpt = f"ckpt={run / 'checkpoints' / 'last.ckpt'}"
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((40, 80, 3), dtype=np.uint8)).save(images / "good.png")
+    (images / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "pred"
+    done = predict(_compose("predict", [ckpt, f"input={images}", f"output={out}", "max_side=40"], out))
+    assert [p.name for p in done] == ["good.png"]
+    assert "broken.jpg" in (out / "skipped.txt").read_text()
+    assert np.array(Image.open(out / "color" / "semseg" / "good.png")).shape == (20, 40, 3), "longer side 40"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(images / "good.jpg")
+    with pytest.raises(ValueError, match="good.jpg and good.png would write the same output files"):
+        predict(_compose("predict", [ckpt, f"input={images}", f"output={out}"], out))

@@ -179,3 +179,66 @@ def test_a_corrupt_checkpoint_is_named_with_the_way_out(make_cfg, tmp_path):
     cfg = make_cfg([])
     with pytest.raises(ValueError, match=r"cannot resume from .*last.ckpt \(found in the run directory.*auto_resume=false"):
         read_resume_point(str(run / "checkpoints" / "last.ckpt"), cfg, found=True)
+
+
+def _nyud_with_a_corrupt_image(tmp_path: Path) -> tuple[Path, Path]:
+    from mtl_vision.data.nyud_fixture import write_nyud_fixture
+
+    root = write_nyud_fixture(tmp_path / "NYUD_MT", layout="nyud_mt", n=8, height=48, width=64)
+    ids = (root / "gt_sets" / "train.txt").read_text().split()
+    broken = root / "images" / f"{ids[3]}.jpg"
+    broken.write_bytes(b"\xff\xd8 truncated")
+    return root, broken
+
+
+NYUD_TINY = ["data=nyud", "data.crop_size=[32,48]", "data.tasks=[semseg,depth]", "data.batch_size=4",
+             "monitor=val/semseg/mIoU", "trainer.max_steps=2", "trainer.max_epochs=-1", "~callbacks.pictures"]  # fmt: skip
+
+
+def test_a_corrupt_training_sample_is_named_or_skipped_and_counted(make_cfg, tmp_path):
+    root, broken = _nyud_with_a_corrupt_image(tmp_path)
+    strict = make_cfg([*NYUD_TINY, f"data.root={root}"], run_dir=tmp_path / "strict")
+    with pytest.raises(ValueError, match=rf"{broken.name}"):
+        train(strict)
+    lenient = make_cfg([*NYUD_TINY, f"data.root={root}", "data.skip_corrupt=true", "trainer.log_every_n_steps=1"],
+                       run_dir=tmp_path / "lenient")  # fmt: skip
+    with pytest.warns(UserWarning, match=f"skipped a corrupt training sample.*{broken.name}"):
+        train(lenient)
+    counted = [float(r["train/skipped_samples"]) for r in _rows(tmp_path / "lenient") if r.get("train/skipped_samples")]
+    assert counted and counted[-1] == 1.0, "8 samples, 2 steps of 4: the corrupt one is seen once"
+
+
+def _cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+
+
+def test_mtl_eval_checks_the_checkpoint_before_writing_anything(tmp_path):
+    missing = tmp_path / "nowhere" / "checkpoints" / "best.ckpt"
+    proc = _cli("mtl_vision.cli.eval", f"ckpt={missing}", cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.strip() == f"error: ckpt='{missing}': no such checkpoint file"
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["trainer.max_step=3"], "error: trainer.max_step: no such key; did you mean trainer.max_steps?"),
+        (["trainer.max_steps=abc"], "error: trainer.max_steps='abc': expected an integer (the default is -1)"),
+        (["optim.lr=fast"], "error: optim.lr='fast': expected a number"),
+        (["trainer=ddp_cpu", "trainer.devices=two"], "error: trainer.devices='two': expected an integer"),
+    ],
+    ids=["misspelt-key", "not-an-integer", "not-a-number", "after-a-group-choice"],
+)
+def test_mistyped_overrides_get_one_line_before_anything_runs(tmp_path, args, expected):
+    proc = _cli("mtl_vision.cli.train", *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[0].startswith(expected), proc.stderr[-1500:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_task_list_given_as_one_word_is_explained(make_cfg):
+    from hydra.errors import InstantiationException
+
+    with pytest.raises(InstantiationException, match=r"data.tasks='semseg' must be a list of tasks, e.g. data.tasks=\[semseg\]"):
+        build_datamodule(make_cfg(["data.tasks=semseg"]))

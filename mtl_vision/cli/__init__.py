@@ -61,9 +61,25 @@ def check_config_dir() -> Path:
     return CONFIG_DIR
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors answered with one line: the project's own checks (`errors.USER_ERRORS`), Hydra's
+    instantiation errors (which wrap them) and OmegaConf's key and type errors."""
+    from hydra.errors import InstantiationException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return (*USER_ERRORS, InstantiationException, OmegaConfBaseException)
+
+
 def one_line(err: BaseException) -> str:
-    message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-    return " ".join(str(message).split())
+    """The message of `err` (of the error it wraps, for Hydra's instantiation errors) on one line."""
+    from hydra.errors import InstantiationException
+
+    while isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+    if "Original Traceback (most recent call last)" in message:  # re-raised from a DataLoader worker
+        message = [line for line in message.splitlines() if line.strip()][-1]
+    return " ".join(message.split())
 
 
 def exit_with_one_line(err: BaseException, log_file: Path | None = None) -> None:

@@ -1,8 +1,9 @@
 """`mtl-eval ckpt=<path>`: evaluate a checkpoint on a split with the config saved in it.
 
-Writes `eval.json` (flat `val/<task>/<metric>` dict, the keys of metrics.json, plus
-`val/delta_m` when baselines cover every task) and `eval.md` (a paper-style table with Δm) into
-the checkpoint's run directory. Under DDP (`trainer=ddp_cpu`, `trainer=ddp`) each image of the
+Writes `eval_<checkpoint>.json` (flat `val/<task>/<metric>` dict, the keys of metrics.json, plus
+`val/delta_m` when baselines cover every task) and `eval_<checkpoint>.md` (a paper-style table
+with Δm) into the checkpoint's run directory: `eval_best.json` for `best.ckpt`, so evaluating
+several checkpoints of a run keeps every result; `eval_<checkpoint>_<split>` for another split. Under DDP (`trainer=ddp_cpu`, `trainer=ddp`) each image of the
 split is evaluated by exactly one process (no padding by repetition) and the metrics' summed
 states are reduced across processes, so the numbers equal those of one process.
 """
@@ -10,6 +11,7 @@ states are reduced across processes, so the numbers equal those of one process.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -17,7 +19,8 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from mtl_vision.cli import CONFIG_DIR, check_config_dir
+from mtl_vision.cli import CONFIG_DIR, check_config_dir, exit_with_one_line, user_errors
+from mtl_vision.cli.overrides import check_overrides
 from mtl_vision.cli.build import build_datamodule, build_module, load_run, write_baseline
 from mtl_vision.engine.report import markdown_report, print_metric_table, write_json
 from mtl_vision.fileio import atomic_write_text
@@ -30,13 +33,25 @@ def evaluation_config(cfg: DictConfig) -> tuple[DictConfig, object, dict]:
     run_cfg, facts, state = load_run(cfg.ckpt)
     with open_dict(run_cfg):
         for key, value in (cfg.get("data") or {}).items():
-            if value is not None:
-                run_cfg.data[key] = value
+            if value is None:
+                continue
+            if key in ("root", "layout") and key not in run_cfg.data:
+                raise ValueError(
+                    f"data.{key}={value!r}: the checkpoint's dataset ({run_cfg.data.get('name')}) reads no files "
+                    f"and takes no {key}; leave data.{key} out"
+                )
+            run_cfg.data[key] = value
         run_cfg.data.val_split = cfg.split
         for key, value in (cfg.get("delta_m") or {}).items():
             if value is not None:
                 run_cfg.delta_m[key] = value
     return run_cfg, facts, state
+
+
+def report_stem(ckpt: str, split: str) -> str:
+    """`eval_<checkpoint stem>`, with `_<split>` for a split other than val."""
+    stem = f"eval_{Path(ckpt).stem}"
+    return stem if split == "val" else f"{stem}_{split}"
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -55,7 +70,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     if trainer.is_global_zero:
         out = Path(cfg.paths.output_dir)
-        stem = "eval" if cfg.split == "val" else f"eval_{cfg.split}"
+        stem = report_stem(cfg.ckpt, cfg.split)
         write_json(out / f"{stem}.json", metrics)
         delta = module.delta_m
         report = markdown_report(
@@ -77,11 +92,26 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
 def _hydra_main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    try:
+        evaluate(cfg)
+    except user_errors() as err:
+        exit_with_one_line(err, Path(cfg.paths.output_dir) / "eval.log")
+
+
+def check_ckpt_argument(args: list[str]) -> None:
+    """`ckpt=` must name a file before Hydra makes the run directory from it (its parent's parent)."""
+    for arg in args:
+        if arg.startswith("ckpt="):
+            path = Path(arg.split("=", 1)[1])
+            if not path.is_file():
+                print(f"error: ckpt={str(path)!r}: no such checkpoint file", file=sys.stderr)
+                raise SystemExit(1)
 
 
 def main() -> None:
     check_config_dir()
+    check_ckpt_argument(sys.argv[1:])
+    check_overrides("eval", sys.argv[1:])
     _hydra_main()
 
 

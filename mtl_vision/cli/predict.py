@@ -1,12 +1,16 @@
 """`mtl-predict ckpt=<path> input=<image or folder> output=<folder>`: run a checkpoint on images.
 
 See conf/predict.yaml for the files written. Each image is processed at its own size (padded to
-a multiple of `pad_to`, the prediction cropped back), so any image size works.
+a multiple of `pad_to`, the prediction cropped back), so any image size works; `max_side`
+downscales larger images first. An unreadable image is skipped and listed at the end (and in
+`<output>/skipped.txt`); two inputs that would write the same output names are refused.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+from collections import defaultdict
 from pathlib import Path
 
 import hydra
@@ -16,7 +20,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from PIL import Image
 
-from mtl_vision.cli import CONFIG_DIR, check_config_dir
+from mtl_vision.cli import CONFIG_DIR, check_config_dir, exit_with_one_line, one_line, user_errors
+from mtl_vision.cli.overrides import check_overrides
 from mtl_vision.cli.build import build_module, load_run
 from mtl_vision.data.io import read_rgb
 from mtl_vision.engine.pictures import tile_grid, to_uint8
@@ -39,7 +44,36 @@ def list_images(path: str | Path) -> list[Path]:
     images = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise FileNotFoundError(f"input={str(path)!r}: the folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    clashes = defaultdict(list)
+    for image in images:
+        clashes[image.stem].append(image.name)
+    clashes = {stem: names for stem, names in clashes.items() if len(names) > 1}
+    if clashes:
+        shown = "; ".join(" and ".join(names) for names in clashes.values())
+        raise ValueError(
+            f"input={str(path)!r}: {shown} would write the same output files (named by the file stem); "
+            "rename one of each, or predict them into different output folders"
+        )
     return images
+
+
+# a side above this without max_side gets a warning: time and memory grow with the pixel count
+LARGE_SIDE = 4096
+
+
+def load_image(path: Path, max_side: int | None) -> torch.Tensor:
+    """(3,H,W) in [0,1], downscaled (antialiased) so that its longer side is at most `max_side`."""
+    image = read_rgb(path)
+    h, w = image.shape[-2:]
+    if max_side is not None and max(h, w) > max_side:
+        scale = max_side / max(h, w)
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        log.info("%s: %dx%d downscaled to %dx%d (max_side=%d)", path.name, w, h, size[1], size[0], max_side)
+    elif max(h, w) > LARGE_SIDE:
+        log.warning("%s is %dx%d: slow and memory-hungry at full size; max_side=%d would downscale it",
+                    path.name, w, h, LARGE_SIDE)  # fmt: skip
+    return image
 
 
 def _raw(task: str, pred: torch.Tensor) -> np.ndarray:
@@ -66,8 +100,19 @@ def predict(cfg: DictConfig) -> list[Path]:
     pad_to = int(cfg.pad_to)
     if pad_to < 1:
         raise ValueError(f"pad_to must be >= 1, got {pad_to}")
+    max_side = cfg.get("max_side")
+    if max_side is not None and int(max_side) < 1:
+        raise ValueError(f"max_side must be >= 1 or null, got {max_side}")
+    skipped: list[str] = []
+    done: list[Path] = []
     for path in images:
-        image = read_rgb(path)
+        try:
+            image = load_image(path, int(max_side) if max_side is not None else None)
+        except Exception as err:  # a corrupt file or a decompression bomb: skip it, keep the rest
+            log.warning("skipped %s: %s", path, one_line(err))
+            skipped.append(f"{path}: {one_line(err)}")
+            continue
+        done.append(path)
         h, w = image.shape[-2:]
         padded = F.pad(image[None], (0, -w % pad_to, 0, -h % pad_to), mode="replicate").to(device)
         preds = module.predict_tasks(padded)
@@ -87,17 +132,28 @@ def predict(cfg: DictConfig) -> list[Path]:
         (out / "panels").mkdir(parents=True, exist_ok=True)
         # image | one colour map per task, each with its name above
         tile_grid([[to_uint8(image), *tiles.values()]], [["image", *tiles]]).save(out / "panels" / f"{path.stem}.png")
-    log.info("predictions of %d images written to %s", len(images), out)
-    return images
+    if skipped:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "skipped.txt").write_text("\n".join(skipped) + "\n")
+        log.warning("skipped %d unreadable image(s), listed in %s:\n  %s", len(skipped), out / "skipped.txt",
+                    "\n  ".join(skipped))  # fmt: skip
+        if not done:
+            raise ValueError(f"input={str(cfg.input)!r}: none of the {len(images)} images could be read")
+    log.info("predictions of %d images written to %s", len(done), out)
+    return done
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")
 def _hydra_main(cfg: DictConfig) -> None:
-    predict(cfg)
+    try:
+        predict(cfg)
+    except user_errors() as err:
+        exit_with_one_line(err)
 
 
 def main() -> None:
     check_config_dir()
+    check_overrides("predict", sys.argv[1:])
     _hydra_main()
 
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 # what a checkpoint's weights depend on; other keys (optimiser, schedule, length) may change on resume
@@ -95,6 +94,8 @@ def read_resume_point(path: str, cfg: DictConfig, *, found: bool) -> ResumePoint
         ValueError: the file cannot be read as a checkpoint.
         CheckpointMismatch: its run had other tasks, backbone, decoder, PEFT or balancer.
     """
+    import torch
+
     how = f"found in the run directory {cfg.paths.output_dir}" if found else "named by ckpt_path"
     way_out = "start afresh with auto_resume=false or another hydra.run.dir" if found else "pick another ckpt_path"
     try:

@@ -8,30 +8,19 @@ from __future__ import annotations
 
 import logging
 import shlex
+import sys
 from pathlib import Path
 
 import hydra
-import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mtl_vision.cli import CONFIG_DIR, USER_ERRORS, check_config_dir, exit_with_one_line
-from mtl_vision.cli.build import (
-    build_datamodule,
-    build_delta_m,
-    build_module,
-    build_trainer,
-    resolve_monitor,
-    write_baseline,
-)
-from mtl_vision.cli.preflight import preflight
+from mtl_vision.cli import CONFIG_DIR, check_config_dir, exit_with_one_line, user_errors
+from mtl_vision.cli.overrides import check_overrides
 from mtl_vision.cli.resume import read_resume_point, resume_checkpoint
-from mtl_vision.engine.callbacks import ImageThroughput
-from mtl_vision.engine.history import continue_history
-from mtl_vision.engine.interrupt import TrainingInterrupted
-from mtl_vision.engine.report import print_metric_table, write_json
-from mtl_vision.engine.tracking import finish_wandb
-from mtl_vision.models.summary import format_summary, model_summary
+
+# torch, Lightning and the model code are imported inside train(): `mtl-train --help` and
+# `--cfg job` answer without them
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +69,23 @@ def train(cfg: DictConfig) -> float:
     Raises:
         TrainingInterrupted: SIGINT, SIGTERM or SIGUSR1 stopped training after writing a checkpoint.
     """
+    import lightning as L
+
+    from mtl_vision.cli.build import (
+        build_datamodule,
+        build_delta_m,
+        build_module,
+        build_trainer,
+        resolve_monitor,
+        write_baseline,
+    )
+    from mtl_vision.cli.preflight import preflight
+    from mtl_vision.engine.callbacks import ImageThroughput
+    from mtl_vision.engine.history import continue_history
+    from mtl_vision.engine.report import print_metric_table, write_json
+    from mtl_vision.engine.tracking import finish_wandb
+    from mtl_vision.models.summary import format_summary, model_summary
+
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     if cfg.get("write_baselines") and len(datamodule.tasks) != 1:
@@ -138,6 +144,9 @@ def train(cfg: DictConfig) -> float:
 def _hydra_main(cfg: DictConfig) -> float:
     if cfg.get("print_config", False):
         log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    from mtl_vision.engine.interrupt import TrainingInterrupted
+    from mtl_vision.engine.tracking import finish_wandb
+
     try:
         return train(cfg)
     except TrainingInterrupted as stop:
@@ -148,12 +157,13 @@ def _hydra_main(cfg: DictConfig) -> float:
             raise SystemExit(0) from None
         log.warning("%s; resume with:\n  %s", stop, resume_command(output_dir))
         raise SystemExit(128 + stop.signum) from None
-    except USER_ERRORS as err:
+    except user_errors() as err:
         exit_with_one_line(err, Path(cfg.paths.output_dir) / "train.log")
 
 
 def main() -> None:
     check_config_dir()
+    check_overrides("train", sys.argv[1:])
     _hydra_main()
 
 

@@ -38,6 +38,8 @@ class MultiTaskDataModule(L.LightningDataModule):
             transforms' config; kept here as part of the dataset protocol.
         name: the dataset's short name (`nyud`, `pascal_context`, `synthetic`), used for the
             single-task baselines file and in reports.
+        skip_corrupt: training samples with a missing or corrupt file are replaced by the next one
+            and counted (`train/skipped_samples`) instead of ending the run; validation stays strict.
         seed: the run's seed; the training order and the augmentation of every sample are
             functions of (seed, epoch, index) (see `data.sampling`), which makes resume exact.
     """
@@ -63,6 +65,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         crop_size: Sequence[int] | None = None,
         name: str | None = None,
         seed: int = 0,
+        skip_corrupt: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -83,6 +86,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.crop_size = list(crop_size) if crop_size is not None else None
         self.name = name
         self.seed = int(seed)
+        self.skip_corrupt = bool(skip_corrupt)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
@@ -129,7 +133,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         if train:
             sampler = EpochSampler(dataset, num_replicas=world, rank=rank, seed=self.seed)
             loader = ResumableLoader(
-                SeededSamples(dataset), batch_size=self.batch_size, sampler=sampler, drop_last=True, **common
+                SeededSamples(dataset, skip_corrupt=self.skip_corrupt), batch_size=self.batch_size, sampler=sampler, drop_last=True, **common
             )
             loader.progress = self._epoch_progress
             if trainer is not None:

@@ -51,7 +51,7 @@ def read_pil(path: Path, *, sample: str | None = None, mode: str | None = None) 
             if mode is not None and img.mode != mode:
                 img = img.convert(mode)
             return np.array(img)
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
         raise DataFileError(f"unreadable or corrupt image for {_where(path, sample)}: {err}") from err
 
 

@@ -11,6 +11,7 @@ what ran before. `ResumableLoader` saves the position in the epoch in Lightning 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+import warnings
 from typing import Any
 
 import numpy as np
@@ -73,16 +74,26 @@ class EpochSampler(DistributedSampler):
             yield index, sample_seed(self.seed, epoch, index)
 
 
+SKIPPED_KEY = "skipped_corrupt"  # in a training sample: corrupt files passed over to load it
+
+
 class SeededSamples(Dataset):
     """`dataset[index]` with torch's RNG seeded by the seed the sampler hands with the index; the
     caller's RNG state is left as it was.
 
     Args:
         dataset: items are task dicts; its transform draws from torch's global RNG.
+        skip_corrupt: on a `DataFileError` (a missing or corrupt file, named in the message) load
+            the next index instead, up to `MAX_SKIPS` times, and count the skipped samples in the
+            item's `skipped_corrupt` entry (the module logs `train/skipped_samples`); otherwise
+            the error ends the run.
     """
 
-    def __init__(self, dataset: Dataset) -> None:
+    MAX_SKIPS = 16
+
+    def __init__(self, dataset: Dataset, *, skip_corrupt: bool = False) -> None:
         self.dataset = dataset
+        self.skip_corrupt = skip_corrupt
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -92,11 +103,29 @@ class SeededSamples(Dataset):
         # the CPU generator alone: torch.manual_seed also seeds every accelerator, ~50x slower
         generator = torch.default_generator
         state = generator.get_state()
-        generator.manual_seed(seed)
         try:
-            return self.dataset[index]
+            if not self.skip_corrupt:
+                generator.manual_seed(seed)
+                return self.dataset[index]
+            return self._skipping(index, seed, generator)
         finally:
             generator.set_state(state)
+
+    def _skipping(self, index: int, seed: int, generator: torch.Generator) -> Any:
+        from mtl_vision.data.io import DataFileError
+
+        for skipped in range(self.MAX_SKIPS + 1):
+            generator.manual_seed(seed)
+            try:
+                item = self.dataset[(index + skipped) % len(self.dataset)]
+            except DataFileError as err:
+                if skipped == self.MAX_SKIPS:
+                    raise DataFileError(f"{err} (and {self.MAX_SKIPS} samples after it: data.skip_corrupt gave up)") from err
+                warnings.warn(f"skipped a corrupt training sample: {err}", stacklevel=2)
+                continue
+            item[SKIPPED_KEY] = skipped
+            return item
+        raise AssertionError("unreachable")
 
 
 class ResumableLoader(DataLoader):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 
@@ -72,6 +73,7 @@ class HistoryCSVLogger(CSVLogger):
         self.resume_step = step
 
     @property
+    @rank_zero_experiment
     def experiment(self) -> _ExperimentWriter:
         if self._experiment is None:
             os.makedirs(self.root_dir, exist_ok=True)

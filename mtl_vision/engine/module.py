@@ -25,6 +25,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import Metric
 
 from mtl_vision.balancing import Balancer
+from mtl_vision.data.sampling import SKIPPED_KEY
 from mtl_vision.engine.checkpoint import RNG_KEY, restore_rng_states, rng_states
 from mtl_vision.engine.guard import NonFiniteGuard, non_finite_keys
 from mtl_vision.engine.task_gradients import TaskGradientStep
@@ -117,6 +118,7 @@ class MultiTaskModule(L.LightningModule):
         self._last_batch: Mapping[str, Any] | None = None
         self._rng_to_restore: dict[str, Any] | None = None
         self.guard = NonFiniteGuard(max_consecutive=max_consecutive_nonfinite)
+        self.skipped_samples = 0  # corrupt training samples replaced (data.skip_corrupt)
         self._last_losses: dict[str, Tensor] = {}
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:
@@ -148,6 +150,9 @@ class MultiTaskModule(L.LightningModule):
         if self.expert_stats_every > 0 and self.global_step % self.expert_stats_every == 0:
             self._log_expert_stats()
         self._last_losses = {t: v.detach() for t, v in losses.items()}
+        if SKIPPED_KEY in batch:
+            self.skipped_samples += int(batch[SKIPPED_KEY].sum())
+            self.log("train/skipped_samples", float(self.skipped_samples), reduce_fx="max", batch_size=batch_size)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
         for task in self.tasks:
             self.log(f"train/{task}/loss", losses[task].detach(), batch_size=batch_size)
