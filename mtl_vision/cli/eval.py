@@ -56,6 +56,9 @@ def report_stem(ckpt: str, split: str) -> str:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate `cfg.ckpt` on `cfg.split`; returns the flat metrics dict (also on every rank)."""
+    from mtl_vision.engine.quiet import quiet_lightning
+
+    quiet_lightning()
     run_cfg, facts, state = evaluation_config(cfg)
     datamodule = build_datamodule(run_cfg)
     if datamodule.tasks != facts.tasks:

@@ -82,10 +82,12 @@ def train(cfg: DictConfig) -> float:
     from mtl_vision.cli.preflight import preflight
     from mtl_vision.engine.callbacks import ImageThroughput
     from mtl_vision.engine.history import continue_history
+    from mtl_vision.engine.quiet import quiet_lightning
     from mtl_vision.engine.report import print_metric_table, write_json
     from mtl_vision.engine.tracking import finish_wandb
     from mtl_vision.models.summary import format_summary, model_summary
 
+    quiet_lightning()
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     if cfg.get("write_baselines") and len(datamodule.tasks) != 1:
@@ -117,7 +119,8 @@ def train(cfg: DictConfig) -> float:
             for logger in trainer.loggers:
                 logger.log_hyperparams({f"model/{k}": v for k, v in summary.items()})
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    # our own checkpoints hold the run config and callback states: plain Python objects
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
     # Lightning skips validation when max_steps ends training mid-epoch; the reported numbers must
     # always describe the final weights, so validate them unless that just happened.
     if module.last_val_step != trainer.global_step or not module.last_val_metrics:

@@ -104,7 +104,7 @@ class LastCheckpoint(L.Callback):
         return last_epoch and batch_idx + 1 >= trainer.num_training_batches
 
     def save(self, trainer: L.Trainer) -> None:
-        trainer.save_checkpoint(self.path)  # every rank calls it; the strategy writes on rank 0
+        trainer.save_checkpoint(self.path, weights_only=False)  # every rank calls it; the strategy writes on rank 0
         self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

@@ -116,7 +116,7 @@ class GracefulStop(L.Callback):
         job = slurm_job_id()
         requeue = signum == signal.SIGUSR1 and job is not None
         path = next_hpc_path(self.run_dir) if requeue else self.last_path
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         requeued = False
         if requeue and self.requeue and trainer.is_global_zero:
             result = subprocess.call(["scontrol", "requeue", job])
