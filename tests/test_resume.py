@@ -36,6 +36,10 @@ RESUME = [
 ]  # fmt: skip
 
 
+# the extra overrides of a run on 1 and on 2 DDP processes (gloo, CPU)
+PROCESSES = {1: [], 2: ["trainer=ddp_cpu", "data.num_workers=0"]}
+
+
 def _last(run: Path) -> dict:
     return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
 
@@ -117,16 +121,18 @@ def test_kill_and_resume_under_ddp_equals_training_straight(tmp_path):
     _assert_same_end(tmp_path / "straight", tmp_path / "resumed", 6)
 
 
-def test_resume_from_the_checkpoint_of_a_validation_equals_training_straight(make_cfg, tmp_path):
-    # killed in the second epoch with no periodic checkpoint: last.ckpt is the one ModelCheckpoint
-    # wrote at the validation ending epoch 0, the usual state after a crash or a preemption
-    overrides = [*RESUME, "trainer.max_steps=8"]
-    train(make_cfg(overrides, tiny=False, run_dir=tmp_path / "straight"))
+@pytest.mark.parametrize("processes", [1, 2], ids=["1-process", "2-processes"])
+def test_resume_from_the_checkpoint_of_a_validation_equals_training_straight(tmp_path, processes):
+    # killed in a later epoch with no periodic checkpoint: last.ckpt is the one ModelCheckpoint
+    # wrote at the last validation (the end of an epoch), the usual state after a crash or preemption
+    overrides = [*RESUME, *PROCESSES[processes], "trainer.max_steps=8"]
+    _mtl_train(tmp_path / "straight", overrides, tmp_path)
     resumed = tmp_path / "resumed"
-    kill = "+callbacks.kill={_target_: preempt.KillAtStep, step: 6}"
+    kill = "+callbacks.kill={_target_: preempt.KillAtStep, step: 7}"
     _mtl_train(resumed, overrides, tmp_path, kill, returncode=-signal.SIGKILL)
-    assert _last(resumed)["global_step"] == 4
-    train(make_cfg(overrides, tiny=False, run_dir=resumed))
+    steps_per_epoch = 4 // processes
+    assert _last(resumed)["global_step"] == 7 // steps_per_epoch * steps_per_epoch
+    _mtl_train(resumed, overrides, tmp_path)
     _assert_same_end(tmp_path / "straight", resumed, 8)
 
 
@@ -143,19 +149,50 @@ def test_a_run_stopped_by_max_steps_continues_with_a_larger_max_steps(make_cfg, 
     assert straight == again
 
 
-def test_ctrl_c_writes_last_ckpt_prints_the_resume_command_and_resumes_exactly(make_cfg, tmp_path):
-    overrides = [*RESUME, "trainer.max_steps=8"]
-    train(make_cfg(overrides, tiny=False, run_dir=tmp_path / "straight"))
+def _signal_when_running(cmd: list[str], env: dict, signum: int, tmp_path: Path, after_step: int = 2) -> tuple[int, str]:
+    """Start `cmd` in a session of its own, wait until it has trained `after_step` steps (SlowSteps
+    writes them into a file) and send `signum` to its whole process group, as a terminal's Ctrl-C or
+    Slurm's signal to a job reach every process of it (DDP ranks and data loader workers)."""
+    progress = Path(env["PROGRESS_FILE"])
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (progress.is_file() and progress.read_text().strip().isdigit()
+                   and int(progress.read_text()) >= after_step):  # fmt: skip
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not get going"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signum)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    return proc.returncode, output
+
+
+def _slow(tmp_path: Path, seconds: float = 0.5) -> tuple[str, dict]:
+    progress = tmp_path / "progress"
+    return (
+        f"+callbacks.slow={{_target_: preempt.SlowSteps, progress_file: {progress}, seconds: {seconds}}}",
+        {"PROGRESS_FILE": str(progress)},
+    )
+
+
+@pytest.mark.parametrize("processes", [1, 2], ids=["1-process", "2-processes"])
+def test_ctrl_c_writes_last_ckpt_prints_the_resume_command_and_resumes_exactly(tmp_path, processes):
+    overrides = [*RESUME, *PROCESSES[processes], "trainer.max_steps=8"]
+    _mtl_train(tmp_path / "straight", overrides, tmp_path)
     run = tmp_path / "interrupted"
-    ctrl_c = "+callbacks.ctrl_c={_target_: preempt.SignalAtStep, step: 2, signal: SIGINT}"
-    proc = _mtl_train(run, overrides, tmp_path, ctrl_c, returncode=128 + signal.SIGINT)
-    assert _last(run)["global_step"] == 3, "the step under way when Ctrl-C came is finished and saved"
+    slow, extra_env = _slow(tmp_path)
+    code, output = _signal_when_running(_command(run, overrides, tmp_path, slow), _env(**extra_env), signal.SIGINT,
+                                        tmp_path)  # fmt: skip
+    assert code == 128 + signal.SIGINT, output[-3000:]
+    step = _last(run)["global_step"]
+    assert 2 <= step < 8, "the step under way when Ctrl-C came is finished and saved"
     assert not (run / "metrics.json").exists()
-    output = proc.stdout + proc.stderr
-    assert "SIGINT at step 3" in output and "resume with" in output
+    assert f"SIGINT at step {step}" in output and "resume with" in output
     command = output.split("resume with:")[1].strip().splitlines()[0]
-    assert command.startswith("mtl-train ") and f"hydra.run.dir={run}" in command and "preempt.SignalAtStep" in command
-    train(make_cfg(overrides, tiny=False, run_dir=run))
+    assert command.startswith("mtl-train ") and f"hydra.run.dir={run}" in command and "preempt.SlowSteps" in command
+    _mtl_train(run, overrides, tmp_path, slow.replace("0.5", "0"))
     _assert_same_end(tmp_path / "straight", run, 8)
 
 
@@ -174,34 +211,25 @@ echo "$@" >> "$SCONTROL_LOG"
 """
 
 
-def test_sigusr1_in_a_slurm_job_writes_the_hpc_checkpoint_requeues_and_the_requeued_job_resumes(tmp_path):
+@pytest.mark.parametrize("processes", [1, 2], ids=["1-process", "2-processes"])
+def test_sigusr1_in_a_slurm_job_writes_the_hpc_checkpoint_requeues_and_the_requeued_job_resumes(tmp_path, processes):
     """End to end: a Slurm-like environment, a stand-in `scontrol` on PATH, a real SIGUSR1 sent to
     the running `mtl-train`, then the same command again (the requeued job) in its own directory."""
-    overrides = [*RESUME, "trainer.max_steps=8"]
+    overrides = [*RESUME, *PROCESSES[processes], "trainer.max_steps=8"]
     _mtl_train(tmp_path / "straight", overrides, tmp_path)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(FAKE_SCONTROL)
     (bin_dir / "scontrol").chmod(0o755)
-    log_file, progress = tmp_path / "scontrol.log", tmp_path / "progress"
-    env = _env(SLURM_JOB_ID="4242", PATH=f"{bin_dir}:{os.environ['PATH']}", SCONTROL_LOG=str(log_file))
-    slow = f"+callbacks.slow={{_target_: preempt.SlowSteps, progress_file: {progress}, seconds: 0.5}}"
-    cmd = _command(None, overrides, tmp_path, slow)
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not (progress.is_file() and progress.read_text().strip() == "2"):
-            assert proc.poll() is None and time.monotonic() < deadline, "training did not get going"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGUSR1)
-        output, _ = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, output[-3000:]
+    log_file = tmp_path / "scontrol.log"
+    slow, extra_env = _slow(tmp_path)
+    env = _env(SLURM_JOB_ID="4242", PATH=f"{bin_dir}:{os.environ['PATH']}", SCONTROL_LOG=str(log_file), **extra_env)
+    code, output = _signal_when_running(_command(None, overrides, tmp_path, slow), env, signal.SIGUSR1, tmp_path)
+    assert code == 0, output[-3000:]
     run = tmp_path / "logs" / "train" / "runs" / "slurm-4242"
     hpc = torch.load(run / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
     assert 2 <= hpc["global_step"] < 8
-    assert log_file.read_text().split() == ["requeue", "4242"]
+    assert log_file.read_text().split() == ["requeue", "4242"], "rank 0 alone requeues, once"
     assert not (run / "metrics.json").exists()
     requeued = _mtl_train(None, overrides, tmp_path, slow.replace("0.5", "0"), env=env)
     assert f"resuming from {run / 'hpc_ckpt_1.ckpt'}" in requeued.stdout + requeued.stderr

@@ -9,13 +9,29 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
+import os
+import signal
+
 import lightning as L
+from lightning.fabric.utilities.seed import pl_worker_init_function
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from mtl_vision.data.sampling import EpochSampler, ResumableLoader, SeededSamples
 from mtl_vision.tasks import check_tasks, get_task
+
+
+def init_worker(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C, SIGTERM and SIGUSR1: the main process stops training at the
+    end of the step and shuts its workers down (engine/interrupt.py); a worker killed by the same
+    signal would end the run with "DataLoader worker exited unexpectedly" before anything is saved.
+    Then Lightning's seeding of the worker (`seed_everything(workers=True)`), which a set
+    `worker_init_fn` would otherwise replace."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id)
 
 
 class MultiTaskDataModule(L.LightningDataModule):
@@ -129,6 +145,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             # a resumed run restores (MultiTaskModule.on_train_start) and then must consume as the
             # uninterrupted run did (which started its persistent workers at other times)
             "generator": torch.Generator().manual_seed(self.seed),
+            "worker_init_fn": init_worker if self.num_workers > 0 else None,
         }
         if train:
             sampler = EpochSampler(dataset, num_replicas=world, rank=rank, seed=self.seed)

@@ -69,16 +69,17 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 
 
 class LastCheckpoint(L.Callback):
-    """Writes `<dirpath>/last.ckpt` every `every_n_train_steps` optimiser steps and after the last
-    step of training, so a crashed or killed run resumes from at most that many steps back, and a
-    finished run can be continued with a larger `max_steps` or `max_epochs`
-    (ModelCheckpoint writes it only at validation; a second ModelCheckpoint with `save_last` would
-    write `last-v1.ckpt` instead).
+    """Writes `<dirpath>/last.ckpt` at the end of every validation during fitting, every
+    `every_n_train_steps` optimiser steps and after the last step of training, so a crashed or
+    killed run resumes from at most that many steps back, and a finished run can be continued with
+    a larger `max_steps` or `max_epochs`. It is the only writer of last.ckpt: Lightning's
+    ModelCheckpoint (from 2.6) refreshes its `save_last` file only at validations that improve the
+    best checkpoint, so a crash would lose every epoch since the best one.
 
-    Every write happens at the end of a training batch, the point from which Lightning and the
-    data loader's position (`data.sampling.ResumableLoader`) resume exactly. A checkpoint written
-    after `fit` returns would not do: Lightning marks the interrupted epoch as completed by then,
-    so a continued run would skip the rest of it.
+    Every write happens at the end of a training batch or of a validation, the points from which
+    Lightning and the data loader's position (`data.sampling.ResumableLoader`) resume exactly. A
+    checkpoint written after `fit` returns would not do: Lightning marks the interrupted epoch as
+    completed by then, so a continued run would skip the rest of it.
 
     Args:
         dirpath: the run's checkpoint folder.
@@ -106,6 +107,11 @@ class LastCheckpoint(L.Callback):
     def save(self, trainer: L.Trainer) -> None:
         trainer.save_checkpoint(self.path, weights_only=False)  # every rank calls it; the strategy writes on rank 0
         self._saved_step = trainer.global_step
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self.save(trainer)  # also after a batch-end write of the same step: validation moved the state on
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # fmt: skip
