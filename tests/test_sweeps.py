@@ -107,7 +107,8 @@ def test_multirun_with_ddp_processes_writes_one_directory_per_job(tmp_path):
     proc = _train(["-m", "seed=0,1", "trainer=ddp_cpu", "debug=fast", *SMALL, f"paths.log_dir={logs}"], cwd=tmp_path)
     # each job's rank-1 process ran that job once, with the job's seed
     for seed in (0, 1):
-        assert proc.stderr.count(f"[rank: 1] Seed set to {seed}") == 1, proc.stderr[-3000:]
+        output = proc.stdout + proc.stderr
+        assert output.count(f"[rank: 1] Seed set to {seed}") == 1, output[-3000:]
     # the default sweep directory, logs/<task>/multiruns/<time>: a DDP child that ran the sweep
     # again would have made a second one (or runs/<time>) with the same jobs
     sweeps = [p for p in logs.rglob("*") if p.is_dir() and (p / "multirun.yaml").is_file()]
