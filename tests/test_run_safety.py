@@ -18,6 +18,7 @@ from mtl_vision.cli.resume import CheckpointMismatch, read_resume_point
 from mtl_vision.cli.train import train
 from mtl_vision.engine.guard import NonFiniteGuard, NonFiniteTrainingError
 from mtl_vision.engine.history import HistoryCSVLogger
+from mtl_vision.errors import TrainingStopped
 from mtl_vision.viz import NAN_RGB, colorize_depth, colorize_heat, colorize_normals
 
 TESTS_DIR = Path(__file__).parent
@@ -46,6 +47,10 @@ def test_guard_undoes_a_non_finite_step_including_batchnorm_statistics():
     assert guard.exhausted
     model(torch.ones(2, 1, 3, 3)).sum().backward()
     assert guard.check(model.parameters()) and guard.consecutive == 0 and guard.skipped == 2
+    guard.snapshot(model)
+    model[1].running_var.fill_(float("inf"))  # statistics overflowed while the gradients stayed finite
+    model(torch.ones(2, 1, 3, 3)).sum().backward()
+    assert not guard.check(model.parameters()) and torch.isfinite(model[1].running_var).all()
     with pytest.raises(ValueError, match="max_consecutive"):
         NonFiniteGuard(max_consecutive=-1)
 
@@ -68,6 +73,16 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(make_cfg, tmp_pat
     skipped = [float(r["train/skipped_steps"]) for r in _rows(run) if r.get("train/skipped_steps")]
     assert skipped[:5] == [0.0] * 5 and skipped[-1] == 2.0  # the third one raises before it is logged
     assert not (run / "metrics.json").exists()
+
+
+def test_a_diverging_learning_rate_ends_with_an_error_and_finite_checkpoints(make_cfg, tmp_path):
+    # the case: optim.lr=1e6 used to write inf BatchNorm statistics and exit 0 with rmse nan
+    cfg = make_cfg(["optim.lr=1e6", "trainer.max_epochs=3", "data.dataset.num_samples={train:32,val:4}"])
+    with pytest.raises(TrainingStopped, match=r"non-finite"):
+        train(cfg)
+    for name in ("last.ckpt", "best.ckpt"):
+        state = torch.load(tmp_path / "run" / "checkpoints" / name, map_location="cpu", weights_only=False)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), name
 
 
 def test_a_skipped_step_leaves_weights_and_optimiser_as_they_were(make_cfg, tmp_path, monkeypatch):

@@ -99,7 +99,10 @@ def read_resume_point(path: str, cfg: DictConfig, *, found: bool) -> ResumePoint
     how = f"found in the run directory {cfg.paths.output_dir}" if found else "named by ckpt_path"
     way_out = "start afresh with auto_resume=false or another hydra.run.dir" if found else "pick another ckpt_path"
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError:  # not a zip-format file, which mmap needs: the plain load says what it is
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # truncated or foreign files fail in many ways inside torch.load
         raise ValueError(
             f"cannot resume from {path} ({how}): it is not a readable checkpoint "

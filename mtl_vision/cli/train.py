@@ -7,6 +7,7 @@ final weights) and returns the monitored value, so Hydra sweepers can optimise i
 from __future__ import annotations
 
 import logging
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from mtl_vision.cli import CONFIG_DIR, check_config_dir, exit_with_one_line, user_errors
 from mtl_vision.cli.overrides import check_overrides
 from mtl_vision.cli.resume import read_resume_point, resume_checkpoint
+from mtl_vision.errors import TrainingStopped
 
 # torch, Lightning and the model code are imported inside train(): `mtl-train --help` and
 # `--cfg job` answer without them
@@ -31,6 +33,14 @@ def summary_size(datamodule) -> tuple[int, int]:
         return tuple(datamodule.crop_size)
     datamodule.setup("validate")
     return tuple(datamodule.val_set[0]["image"].shape[-2:])
+
+
+def non_finite_results(metrics: dict[str, float], tasks: list[str], monitor: str) -> list[str]:
+    """The monitored metric and the tasks' primary metrics that are inf or NaN."""
+    from mtl_vision.tasks import get_task
+
+    keys = {monitor, *(f"val/{t}/{get_task(t).selection_key}" for t in tasks)}
+    return sorted(k for k in keys if k in metrics and not math.isfinite(metrics[k]))
 
 
 def found_in_run_dir(cfg: DictConfig) -> bool:
@@ -136,10 +146,17 @@ def train(cfg: DictConfig) -> float:
         write_json(output_dir / "metrics.json", metrics)
         print_metric_table(metrics, datamodule.tasks, title=f"validation ({cfg.monitor} = {metrics[cfg.monitor]:.4g})")
         log.info("metrics written to %s", output_dir / "metrics.json")
-        if cfg.get("write_baselines"):
-            path = write_baseline(cfg, datamodule.tasks, datamodule.name, metrics, source=str(output_dir))
-            log.info("single-task baseline of %s written to %s", datamodule.tasks[0], path)
+    diverged = non_finite_results(metrics, datamodule.tasks, cfg.monitor)
+    if trainer.is_global_zero and cfg.get("write_baselines") and not diverged:
+        path = write_baseline(cfg, datamodule.tasks, datamodule.name, metrics, source=str(output_dir))
+        log.info("single-task baseline of %s written to %s", datamodule.tasks[0], path)
     finish_wandb()  # complete the wandb run's files before the next job of a sweep starts its own
+    if diverged:
+        raise TrainingStopped(
+            f"the final weights give non-finite {diverged} (metrics.json has them): the run diverged, "
+            f"{module.guard.skipped} of {trainer.global_step} optimiser steps were skipped as non-finite "
+            f"(train/skipped_steps); lower optim.lr"
+        )
     return metrics[cfg.monitor]
 
 

@@ -70,9 +70,14 @@ class NonFiniteGuard:
             torch._foreach_copy_([c for _, c in self._buffers], [b.detach() for b in buffers])
 
     def check(self, params: Iterable[nn.Parameter]) -> bool:
-        """True if the step may go ahead; otherwise the step is undone and counted (see `skip`)."""
+        """True if the step may go ahead; otherwise the step is undone and counted (see `skip`).
+
+        A step whose forward passes made a buffer non-finite is undone too: BatchNorm can turn
+        overflowing activations into inf statistics while normalising the gradients back to
+        finite values."""
         params = list(params)
-        if all_finite(p.grad for p in params if p.grad is not None):
+        grads = [p.grad for p in params if p.grad is not None]
+        if all_finite([*grads, *(b for b, _ in self._buffers)]):
             self.consecutive = 0
             return True
         self.skip(params)
@@ -101,8 +106,8 @@ class NonFiniteGuard:
             else "the learning rate is too high or a target holds inf/NaN"
         )
         return NonFiniteTrainingError(
-            f"training stopped at step {step}: {self.consecutive} optimiser steps in a row had a non-finite loss or "
-            f"gradient (last losses: {shown}); likely cause: {cause}. Nothing non-finite was applied or saved; "
+            f"training stopped at step {step}: {self.consecutive} optimiser steps in a row had a non-finite loss, "
+            f"gradient or BatchNorm statistic (last losses: {shown}); likely cause: {cause}. Nothing non-finite was applied or saved; "
             f"lower optim.lr, or raise guard.max_consecutive_nonfinite (now {self.max_consecutive}) to wait longer"
         )
 
