@@ -177,6 +177,15 @@ def _slow(tmp_path: Path, seconds: float = 0.5) -> tuple[str, dict]:
     )
 
 
+def test_a_finished_run_continues_with_a_larger_max_epochs(make_cfg, tmp_path):
+    overrides = [*RESUME, "~sched", "trainer.max_steps=-1"]
+    train(make_cfg([*overrides, "trainer.max_epochs=2"], tiny=False, run_dir=tmp_path / "straight"))
+    continued = tmp_path / "continued"
+    train(make_cfg([*overrides, "trainer.max_epochs=1"], tiny=False, run_dir=continued))
+    train(make_cfg([*overrides, "trainer.max_epochs=2"], tiny=False, run_dir=continued))
+    _assert_same_end(tmp_path / "straight", continued, 8)
+
+
 @pytest.mark.parametrize("processes", [1, 2], ids=["1-process", "2-processes"])
 def test_ctrl_c_writes_last_ckpt_prints_the_resume_command_and_resumes_exactly(tmp_path, processes):
     overrides = [*RESUME, *PROCESSES[processes], "trainer.max_steps=8"]

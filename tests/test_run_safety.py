@@ -242,8 +242,12 @@ def test_mtl_eval_checks_the_checkpoint_before_writing_anything(tmp_path):
         (["trainer.max_steps=abc"], "error: trainer.max_steps='abc': expected an integer (the default is -1)"),
         (["optim.lr=fast"], "error: optim.lr='fast': expected a number"),
         (["trainer=ddp_cpu", "trainer.devices=two"], "error: trainer.devices='two': expected an integer"),
+        (["balancer=pcgrd"], "error: balancer=pcgrd: no such option; did you mean balancer=pcgrad?"),
+        (["-m", "balancer=ew,famoo"], "error: balancer=famoo: no such option; did you mean balancer=famo?"),
+        (["--cfg", "job", "data.batchsize=2"], "error: data.batchsize: no such key; did you mean data.batch_size?"),
     ],
-    ids=["misspelt-key", "not-an-integer", "not-a-number", "after-a-group-choice"],
+    ids=["misspelt-key", "not-an-integer", "not-a-number", "after-a-group-choice", "misspelt-option",
+         "misspelt-sweep-option", "behind-a-flag"],
 )
 def test_mistyped_overrides_get_one_line_before_anything_runs(tmp_path, args, expected):
     proc = _cli("mtl_vision.cli.train", *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)

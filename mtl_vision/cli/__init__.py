@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -79,6 +80,7 @@ def one_line(err: BaseException) -> str:
     message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
     if "Original Traceback (most recent call last)" in message:  # re-raised from a DataLoader worker
         message = [line for line in message.splitlines() if line.strip()][-1]
+        message = re.sub(r"^[\w.]+(Error|Exception): ", "", message)  # the exception's class path
     return " ".join(message.split())
 
 

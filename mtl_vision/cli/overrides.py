@@ -43,6 +43,42 @@ def _type_error(key: str, old: Any, new: Any) -> str | None:
     return None
 
 
+# Hydra's flags that take the next argument as their value
+VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
+               "--experimental-rerun"}  # fmt: skip
+
+
+def override_args(args: list[str]) -> list[str]:
+    """The `key=value` arguments of a Hydra command line, without its flags and their values."""
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg.startswith("-"):
+            skip = arg in VALUE_FLAGS
+        else:
+            kept.append(arg)
+    return kept
+
+
+def _unknown_options(override: Any) -> list[str]:
+    """`group=option` naming no `conf/<group>/<option>.yaml` (each value of a sweep checked)."""
+    group = override.key_or_group
+    try:
+        chosen = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+    except Exception:
+        return []
+    options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    found = []
+    for option in chosen:
+        if option is None or not isinstance(option, str) or (CONFIG_DIR / group / f"{option}.yaml").is_file():
+            continue
+        close = difflib.get_close_matches(option, options, n=1, cutoff=0.5)
+        hint = f"did you mean {group}={close[0]}? " if close else ""
+        found.append(f"{group}={option}: no such option; {hint}(options: {', '.join(options)})")
+    return found
+
+
 def problems(config_name: str, args: list[str]) -> list[str]:
     """What is wrong with the `key=value` overrides in `args` against the config they change."""
     from hydra import compose, initialize_config_dir
@@ -51,18 +87,20 @@ def problems(config_name: str, args: list[str]) -> list[str]:
     from hydra.core.override_parser.types import OverrideType
 
     try:
-        overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+        overrides = OverridesParser.create().parse_overrides(override_args(args))
     except Exception:  # a syntax error: Hydra reports it itself
         return []
-    groups, values = [], []
+    groups, values, found = [], [], []
     for override in overrides:
         key = override.key_or_group
+        if (CONFIG_DIR / key).is_dir() and override.type != OverrideType.DEL:
+            found += _unknown_options(override)
         if (CONFIG_DIR / key).is_dir() or key.startswith("hydra"):
             groups.append(override.input_line)
         elif override.type == OverrideType.CHANGE and not override.is_sweep_override():
             values.append(override)
-    if not values:
-        return []
+    if found or not values:
+        return found
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -71,7 +109,6 @@ def problems(config_name: str, args: list[str]) -> list[str]:
         return []
     finally:
         GlobalHydra.instance().clear()
-    found = []
     for override in values:
         key = override.key_or_group
         old = _raw(base, key)
