@@ -38,7 +38,7 @@ def test_sbatch_scripts_parse_and_carry_the_required_directives(name):
     directives = _directives(path)
     for key in ("nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "time", "requeue"):
         assert key in directives, f"{name} lacks #SBATCH --{key}"
-    # exactly one owner of the requeue signal: Lightning's SLURMEnvironment listens for SIGUSR1
+    # exactly one owner of the requeue signal: GracefulStop (engine/interrupt.py) listens for SIGUSR1
     assert directives["signal"].startswith("SIGUSR1@"), directives["signal"]
     text = path.read_text()
     assert "srun" in text and "mtl-train" in text
@@ -133,7 +133,7 @@ def test_slurm_launcher_takes_tasks_and_nodes_from_the_trainer_and_the_rest_from
     assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (4, 4, 2)
     assert (launcher.partition, launcher.account, launcher.timeout_min) == ("gpu", "proj", 90)
     assert list(launcher.setup) == ["source env.sh"]
-    # one owner of the requeue: Lightning's SIGUSR1 handler; submitit's timeout requeue is off
+    # one owner of the requeue: GracefulStop's SIGUSR1 handler; submitit's timeout requeue is off
     assert launcher.max_num_timeout == 0 and launcher.additional_parameters.signal == "USR1@120"
 
 

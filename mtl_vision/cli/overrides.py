@@ -93,7 +93,8 @@ def problems(config_name: str, args: list[str]) -> list[str]:
     groups, values, found = [], [], []
     for override in overrides:
         key = override.key_or_group
-        if (CONFIG_DIR / key).is_dir() and override.type != OverrideType.DEL:
+        # hydra/<group> options also come from installed plugins (submitit, optuna): Hydra checks those
+        if (CONFIG_DIR / key).is_dir() and not key.startswith("hydra") and override.type != OverrideType.DEL:
             found += _unknown_options(override)
         if (CONFIG_DIR / key).is_dir() or key.startswith("hydra"):
             groups.append(override.input_line)
