@@ -209,3 +209,18 @@ def test_predict_skips_unreadable_images_refuses_clashes_and_downscales(run, tmp
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(images / "good.jpg")
     with pytest.raises(ValueError, match="good.jpg and good.png would write the same output files"):
         predict(_compose("predict", [ckpt, f"input={images}", f"output={out}"], out))
+
+
+def test_predict_skips_a_decompression_bomb_with_its_name(run, tmp_path, monkeypatch):
+    import PIL.Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((40, 60, 3), dtype=np.uint8)).save(images / "huge.png")
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(images / "small.png")
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1000)  # 40x60 is then over twice the limit
+    out = tmp_path / "pred"
+    ckpt = f"ckpt={run / 'checkpoints' / 'last.ckpt'}"
+    done = predict(_compose("predict", [ckpt, f"input={images}", f"output={out}"], out))
+    assert [p.name for p in done] == ["small.png"]
+    assert "huge.png" in (out / "skipped.txt").read_text() and "decompression" in (out / "skipped.txt").read_text()
