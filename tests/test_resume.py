@@ -136,6 +136,19 @@ def test_resume_from_the_checkpoint_of_a_validation_equals_training_straight(tmp
     _assert_same_end(tmp_path / "straight", resumed, 8)
 
 
+def test_resume_from_a_mid_epoch_validation_equals_training_straight(make_cfg, tmp_path):
+    # trainer.val_check_interval=2: validations after steps 2, 4, 6, 8 of 4-step epochs; killed
+    # after step 3, the run resumes from the checkpoint of the validation in the middle of epoch 0
+    overrides = [*RESUME, "trainer.max_steps=8", "trainer.val_check_interval=2"]
+    train(make_cfg(overrides, tiny=False, run_dir=tmp_path / "straight"))
+    resumed = tmp_path / "resumed"
+    kill = "+callbacks.kill={_target_: preempt.KillAtStep, step: 3}"
+    _mtl_train(resumed, overrides, tmp_path, kill, returncode=-signal.SIGKILL)
+    assert _last(resumed)["global_step"] == 2
+    train(make_cfg(overrides, tiny=False, run_dir=resumed))
+    _assert_same_end(tmp_path / "straight", resumed, 8)
+
+
 @pytest.mark.parametrize("n", [3, 4], ids=["stopped-mid-epoch", "stopped-at-epoch-end"])
 def test_a_run_stopped_by_max_steps_continues_with_a_larger_max_steps(make_cfg, tmp_path, n):
     # a constant learning rate: a schedule's length depends on max_steps
