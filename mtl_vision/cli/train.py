@@ -184,7 +184,11 @@ def _hydra_main(cfg: DictConfig) -> float:
 def main() -> None:
     check_config_dir()
     check_overrides("train", sys.argv[1:])
-    _hydra_main()
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: the checkpoints stay as they were
+        print("interrupted; checkpoints already in the run directory are unchanged", file=sys.stderr)
+        raise SystemExit(128 + 2) from None
 
 
 if __name__ == "__main__":
