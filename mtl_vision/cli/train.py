@@ -95,6 +95,7 @@ def train(cfg: DictConfig) -> float:
     from mtl_vision.engine.quiet import quiet_lightning
     from mtl_vision.engine.report import print_metric_table, write_json
     from mtl_vision.engine.tracking import finish_wandb
+    from mtl_vision.engine.weights import load_model_weights
     from mtl_vision.models.summary import format_summary, model_summary
 
     quiet_lightning()
@@ -107,6 +108,14 @@ def train(cfg: DictConfig) -> float:
     ckpt_path = resume_checkpoint(cfg)
     point = read_resume_point(ckpt_path, cfg, found=found_in_run_dir(cfg)) if ckpt_path is not None else None
     module = build_module(cfg, datamodule, save_run_info=True)
+    init_report = None
+    if cfg.get("init_from"):
+        if point is not None:
+            log.warning("init_from=%s is not used: the run resumes from %s", cfg.init_from, ckpt_path)
+        else:
+            init_report = load_model_weights(
+                module.model, cfg.init_from, skip_mismatched=bool(cfg.get("init_from_skip_mismatched"))
+            )
     trainer = build_trainer(cfg, module)
     warning = preflight(cfg, datamodule, module, trainer, point.global_step if point else 0)
     # only now that the checkpoint fits: the run directory's config, and its history continued
@@ -120,6 +129,8 @@ def train(cfg: DictConfig) -> float:
         )
         if point is not None:
             log.info("resuming from %s (step %d)", ckpt_path, point.global_step)
+        if init_report is not None:
+            log.info("%s", init_report.summary(cfg.init_from))
         if warning:
             log.warning("%s", warning)
         if cfg.get("summary", True):
