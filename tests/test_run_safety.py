@@ -127,8 +127,11 @@ def test_pictures_draw_non_finite_values_magenta():
         (["trainer.limit_val_batches=0"], r"validates on 0 samples \(trainer.limit_val_batches=0\)"),
         (["monitor=val/semseg/miou"], r"monitor='val/semseg/miou' is not computed.*did you mean 'val/semseg/mIoU'"),
         (["trainer.max_steps=100"], r"max_steps=100 is never reached: trainer.max_epochs=1 ends training at step 4"),
+        (["trainer.max_epochs=0"], r"would train 0 steps \(trainer.max_steps=-1, trainer.max_epochs=0\)"),
+        (["trainer.max_steps=0"], r"would train 0 steps \(trainer.max_steps=0,"),
     ],
-    ids=["too-few-samples", "no-validation", "misspelt-monitor", "max-epochs-cuts-max-steps"],
+    ids=["too-few-samples", "no-validation", "misspelt-monitor", "max-epochs-cuts-max-steps", "zero-epochs",
+         "zero-steps"],
 )
 def test_runs_that_cannot_work_are_refused_before_training(make_cfg, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -93,6 +93,11 @@ def check_length(cfg: DictConfig, steps_per_epoch: int, resume_step: int) -> str
     else:
         epoch_limit = None
     limits = [v for v in (epoch_limit, max_steps if max_steps is not None and max_steps >= 0 else None) if v is not None]
+    if resume_step == 0 and limits and min(limits) == 0:
+        raise ValueError(
+            f"this run would train 0 steps (trainer.max_steps={max_steps}, trainer.max_epochs={max_epochs}); "
+            "use mtl-eval to evaluate a checkpoint"
+        )
     if resume_step > 0 and limits and min(limits) <= resume_step:
         return (
             f"nothing to train: the checkpoint is at step {resume_step} and this run stops at step {min(limits)} "
