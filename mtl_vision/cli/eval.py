@@ -3,9 +3,10 @@
 Writes `eval_<checkpoint>.json` (flat `val/<task>/<metric>` dict, the keys of metrics.json, plus
 `val/delta_m` when baselines cover every task) and `eval_<checkpoint>.md` (a paper-style table
 with Δm) into the checkpoint's run directory: `eval_best.json` for `best.ckpt`, so evaluating
-several checkpoints of a run keeps every result; `eval_<checkpoint>_<split>` for another split. Under DDP (`trainer=ddp_cpu`, `trainer=ddp`) each image of the
-split is evaluated by exactly one process (no padding by repetition) and the metrics' summed
-states are reduced across processes, so the numbers equal those of one process.
+several checkpoints of a run keeps every result; `eval_<checkpoint>_<split>` for another split.
+Under DDP (`trainer=ddp_cpu`, `trainer=ddp`) each image of the split is evaluated by exactly one
+process (no padding by repetition) and the metrics' summed states are reduced across processes,
+so the numbers equal those of one process.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             baselines=delta.baselines if delta is not None else None,
             convention=delta.convention if delta is not None else "mtinet",
         )
-        header = f"# {cfg.ckpt}\n\nsplit `{cfg.split}` of `{run_cfg.data.get('name')}`, {len(datamodule.val_set)} images.\n\n"
+        images = len(datamodule.val_set)
+        header = f"# {cfg.ckpt}\n\nsplit `{cfg.split}` of `{run_cfg.data.get('name')}`, {images} images.\n\n"
         atomic_write_text(out / f"{stem}.md", header + report)
         print_metric_table(metrics, facts.tasks, title=f"{cfg.split}: {cfg.ckpt}")
         log.info("wrote %s and %s", out / f"{stem}.json", out / f"{stem}.md")

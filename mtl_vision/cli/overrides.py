@@ -120,7 +120,10 @@ def problems(config_name: str, args: list[str]) -> list[str]:
                 found.append(f"{key}: there is no {parent!r} in the config")
                 continue
             close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
-            hint = f"did you mean {'.'.join(filter(None, [parent, close[0]]))}?" if close else f"{parent or 'the config'} has {siblings}"
+            if close:
+                hint = f"did you mean {'.'.join(filter(None, [parent, close[0]]))}?"
+            else:
+                hint = f"{parent or 'the config'} has {siblings}"
             found.append(f"{key}: no such key; {hint} (+{key}=... adds a new key)")
             continue
         try:

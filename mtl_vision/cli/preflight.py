@@ -39,7 +39,8 @@ def check_monitor(monitor: str, module: MultiTaskModule) -> None:
     keys = validation_keys(module)
     if monitor not in keys:
         shown = [k for k in keys if "/IoU/" not in k]
-        raise ValueError(f"monitor={monitor!r} is not computed by this run{did_you_mean(monitor, keys)} (it logs {shown})")
+        hint = did_you_mean(monitor, keys)
+        raise ValueError(f"monitor={monitor!r} is not computed by this run{hint} (it logs {shown})")
 
 
 def _batches(limit: int | float | None, available: int) -> int:
@@ -59,7 +60,8 @@ def training_steps_per_epoch(cfg: DictConfig, datamodule: MultiTaskDataModule, w
     if batches == 0:
         raise ValueError(
             f"this run would train 0 steps: the {datamodule.train_split!r} split has {samples} samples, "
-            f"{per_process} per process on {world_size} process(es), fewer than data.batch_size={datamodule.batch_size} "
+            f"{per_process} per process on {world_size} process(es), "
+            f"fewer than data.batch_size={datamodule.batch_size} "
             f"(incomplete batches are dropped); lower data.batch_size or trainer.devices"
             + (", or raise trainer.limit_train_batches" if cfg.trainer.get("limit_train_batches") is not None else "")
         )
@@ -92,7 +94,8 @@ def check_length(cfg: DictConfig, steps_per_epoch: int, resume_step: int) -> str
             )
     else:
         epoch_limit = None
-    limits = [v for v in (epoch_limit, max_steps if max_steps is not None and max_steps >= 0 else None) if v is not None]
+    step_limit = max_steps if max_steps is not None and max_steps >= 0 else None
+    limits = [v for v in (epoch_limit, step_limit) if v is not None]
     if resume_step == 0 and limits and min(limits) == 0:
         raise ValueError(
             f"this run would train 0 steps (trainer.max_steps={max_steps}, trainer.max_epochs={max_epochs}); "

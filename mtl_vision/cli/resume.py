@@ -129,4 +129,5 @@ def read_resume_point(path: str, cfg: DictConfig, *, found: bool) -> ResumePoint
                 + (f" (and {len(differences) - 6} more)" if len(differences) > 6 else "")
                 + f". To train this config, {way_out}"
             )
-    return ResumePoint(path=path, global_step=int(checkpoint.get("global_step", 0)), epoch=int(checkpoint.get("epoch", 0)))
+    step, epoch = int(checkpoint.get("global_step", 0)), int(checkpoint.get("epoch", 0))
+    return ResumePoint(path=path, global_step=step, epoch=epoch)

@@ -150,7 +150,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         if train:
             sampler = EpochSampler(dataset, num_replicas=world, rank=rank, seed=self.seed)
             loader = ResumableLoader(
-                SeededSamples(dataset, skip_corrupt=self.skip_corrupt), batch_size=self.batch_size, sampler=sampler, drop_last=True, **common
+                SeededSamples(dataset, skip_corrupt=self.skip_corrupt),
+                batch_size=self.batch_size, sampler=sampler, drop_last=True, **common,
             )
             loader.progress = self._epoch_progress
             if trainer is not None:

@@ -120,7 +120,9 @@ class SeededSamples(Dataset):
                 item = self.dataset[(index + skipped) % len(self.dataset)]
             except DataFileError as err:
                 if skipped == self.MAX_SKIPS:
-                    raise DataFileError(f"{err} (and {self.MAX_SKIPS} samples after it: data.skip_corrupt gave up)") from err
+                    raise DataFileError(
+                        f"{err} (and {self.MAX_SKIPS} samples after it: data.skip_corrupt gave up)"
+                    ) from err
                 warnings.warn(f"skipped a corrupt training sample: {err}", stacklevel=2)
                 continue
             item[SKIPPED_KEY] = skipped

@@ -122,7 +122,8 @@ class NonFiniteGuard:
         )
         return NonFiniteTrainingError(
             f"training stopped at step {step}: {self.consecutive} optimiser steps in a row had a non-finite loss, "
-            f"gradient or BatchNorm statistic (last losses: {shown}); likely cause: {cause}. Nothing non-finite was applied or saved; "
+            f"gradient or BatchNorm statistic (last losses: {shown}); likely cause: {cause}. "
+            "Nothing non-finite was applied or saved; "
             f"lower optim.lr, or raise guard.max_consecutive_nonfinite (now {self.max_consecutive}) to wait longer"
         )
 

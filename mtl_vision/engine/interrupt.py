@@ -5,9 +5,10 @@ handler writes the hpc checkpoint from inside the signal handler, in the middle 
 resumed run cannot continue exactly. `GracefulStop` only notes the signal; at the end of the
 current training batch (the point `LastCheckpoint` writes at, from which resume is exact) every
 process agrees to stop, the checkpoint is written atomically, and `TrainingInterrupted` ends the
-run at the next hook (once Lightning has logged the saved step). SIGUSR1 inside a Slurm job writes `hpc_ckpt_<n>.ckpt` into the run directory and requeues the
-job with `scontrol requeue`; the requeued job finds its directory and resumes from that file. A
-second Ctrl-C aborts at once, without saving (the previous checkpoints stay as they were).
+run at the next hook (once Lightning has logged the saved step). SIGUSR1 inside a Slurm job
+writes `hpc_ckpt_<n>.ckpt` into the run directory and requeues the job with `scontrol requeue`;
+the requeued job finds its directory and resumes from that file. A second Ctrl-C aborts at once,
+without saving (the previous checkpoints stay as they were).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def slurm_job_id() -> str | None:
 
 def next_hpc_path(run_dir: str | os.PathLike) -> Path:
     """`<run dir>/hpc_ckpt_<n>.ckpt` with n one more than the largest there (Lightning's naming)."""
-    numbers = [int(m.group(1)) for p in Path(run_dir).glob("hpc_ckpt_*.ckpt") if (m := re.search(r"_(\d+)\.ckpt$", p.name))]
+    found = (re.search(r"_(\d+)\.ckpt$", p.name) for p in Path(run_dir).glob("hpc_ckpt_*.ckpt"))
+    numbers = [int(m.group(1)) for m in found if m]
     return Path(run_dir) / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
 
 

@@ -229,7 +229,8 @@ class MultiTaskModule(L.LightningModule):
         self.balancer.after_step(None)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        accumulate = self.accumulate_grad_batches if not self.automatic_optimization else self.trainer.accumulate_grad_batches
+        manual = not self.automatic_optimization
+        accumulate = self.accumulate_grad_batches if manual else self.trainer.accumulate_grad_batches
         if batch_idx % accumulate == 0:  # the first micro-batch of an optimiser step
             self.guard.snapshot(self.model)
 

@@ -61,7 +61,9 @@ def model_state_from_file(path: str | os.PathLike) -> dict[str, Tensor]:
         raise ValueError(f"init_from={str(path)!r} could not be read as a checkpoint: {err}") from None
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
-        raise ValueError(f"init_from={str(path)!r} holds no 'state_dict' (it was not written by mtl-train or mtl-import)")
+        raise ValueError(
+            f"init_from={str(path)!r} holds no 'state_dict' (it was not written by mtl-train or mtl-import)"
+        )
     weights = {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
     if not weights:
         raise ValueError(f"init_from={str(path)!r}: its state_dict has no '{MODEL_PREFIX}*' weights")
