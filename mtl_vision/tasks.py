@@ -8,8 +8,6 @@ metrics and pictures all read `TASKS`; adding a task touches this file plus its 
 
 from __future__ import annotations
 
-import difflib
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,6 +18,7 @@ from torchmetrics import Metric, MetricCollection
 
 from mtl_vision import losses, viz
 from mtl_vision.constants import IGNORE_INDEX
+from mtl_vision.errors import closest
 from mtl_vision.metrics import (
     DepthMetrics,
     EdgeApproxMetrics,
@@ -186,8 +185,8 @@ def get_task(name: str) -> TaskSpec:
     try:
         return TASKS[name]
     except KeyError:
-        close = difflib.get_close_matches(str(name), list(TASKS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        close = closest(name, TASKS)
+        hint = f"; did you mean {close!r}?" if close else ""
         raise ValueError(f"unknown task {name!r}{hint} (known tasks: {sorted(TASKS)})") from None
 
 

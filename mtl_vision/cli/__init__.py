@@ -11,10 +11,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mtl_vision.errors import USER_ERRORS
-
 # registers ${sweep_direction:} (conf/hparams_search/optuna.yaml)
 from mtl_vision.cli import sweeps  # noqa: F401
+from mtl_vision.errors import USER_ERRORS
+from mtl_vision.slurm import slurm_job_id
 
 ROOT_DIR = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT_DIR / "conf"
@@ -42,10 +42,7 @@ def run_id(fallback: str) -> str:
     for an array task), else `fallback` (a timestamp). A Slurm job keeps its id when it is
     requeued after preemption, so the requeued job finds its own directory and checkpoints, and
     every rank of a multi-node job names the same directory without talking to the others."""
-    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array_job and array_task:
-        return f"slurm-{array_job}_{array_task}"
-    job = os.environ.get("SLURM_JOB_ID")
+    job = slurm_job_id()
     return f"slurm-{job}" if job else str(fallback)
 
 

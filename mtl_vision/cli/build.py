@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mtl_vision.data.datamodule import MultiTaskDataModule
+from mtl_vision.engine.checkpoint import read_checkpoint
 from mtl_vision.engine.module import RUN_INFO_KEY, MultiTaskModule
 from mtl_vision.metrics.delta_m import KEY as DELTA_M_KEY
 from mtl_vision.metrics.delta_m import DeltaM, task_metrics, update_baselines
@@ -157,13 +158,7 @@ def load_run(ckpt: str | os.PathLike) -> tuple[DictConfig, TaskFacts, dict]:
         ValueError: the file is not a checkpoint, or holds no saved run (not written by mtl-train).
     """
     path = Path(ckpt)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt={str(ckpt)!r}: no such checkpoint file")
-    try:
-        # our own file format: the saved config and callback states are plain Python objects
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated or foreign files fail in many ways inside torch.load
-        raise ValueError(f"ckpt={str(path)!r} could not be read as a checkpoint: {err}") from err
+    checkpoint = read_checkpoint(path, name=f"ckpt={str(ckpt)!r}")
     info = checkpoint.get(RUN_INFO_KEY) if isinstance(checkpoint, dict) else None
     if not info or "state_dict" not in checkpoint:
         raise ValueError(

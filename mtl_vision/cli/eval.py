@@ -21,8 +21,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from mtl_vision.cli import CONFIG_DIR, check_config_dir, exit_with_one_line, user_errors
-from mtl_vision.cli.overrides import check_overrides
 from mtl_vision.cli.build import build_datamodule, build_module, load_run, write_baseline
+from mtl_vision.cli.overrides import check_overrides
 from mtl_vision.engine.report import markdown_report, print_metric_table, write_json
 from mtl_vision.fileio import atomic_write_text
 

@@ -5,12 +5,12 @@ traceback from inside the Trainer)."""
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from mtl_vision.cli import CONFIG_DIR
+from mtl_vision.errors import closest
 
 
 def _node_keys(cfg: DictConfig, path: str) -> list[str] | None:
@@ -73,8 +73,8 @@ def _unknown_options(override: Any) -> list[str]:
     for option in chosen:
         if option is None or not isinstance(option, str) or (CONFIG_DIR / group / f"{option}.yaml").is_file():
             continue
-        close = difflib.get_close_matches(option, options, n=1, cutoff=0.5)
-        hint = f"did you mean {group}={close[0]}? " if close else ""
+        close = closest(option, options, cutoff=0.5)
+        hint = f"did you mean {group}={close}? " if close else ""
         found.append(f"{group}={option}: no such option; {hint}(options: {', '.join(options)})")
     return found
 
@@ -119,9 +119,9 @@ def problems(config_name: str, args: list[str]) -> list[str]:
             if siblings is None:
                 found.append(f"{key}: there is no {parent!r} in the config")
                 continue
-            close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
+            close = closest(leaf, siblings)
             if close:
-                hint = f"did you mean {'.'.join(filter(None, [parent, close[0]]))}?"
+                hint = f"did you mean {'.'.join(filter(None, [parent, close]))}?"
             else:
                 hint = f"{parent or 'the config'} has {siblings}"
             found.append(f"{key}: no such key; {hint} (+{key}=... adds a new key)")

@@ -21,8 +21,8 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from mtl_vision.cli import CONFIG_DIR, check_config_dir, exit_with_one_line, one_line, user_errors
-from mtl_vision.cli.overrides import check_overrides
 from mtl_vision.cli.build import build_module, load_run
+from mtl_vision.cli.overrides import check_overrides
 from mtl_vision.data.io import read_rgb
 from mtl_vision.engine.pictures import tile_grid, to_uint8
 from mtl_vision.tasks import get_task

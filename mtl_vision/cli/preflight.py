@@ -5,7 +5,6 @@ short."""
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 import warnings
 
@@ -14,12 +13,8 @@ from omegaconf import DictConfig
 
 from mtl_vision.data.datamodule import MultiTaskDataModule
 from mtl_vision.engine.module import MultiTaskModule
+from mtl_vision.errors import closest
 from mtl_vision.metrics.delta_m import KEY as DELTA_M_KEY
-
-
-def did_you_mean(value: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def validation_keys(module: MultiTaskModule) -> list[str]:
@@ -39,7 +34,8 @@ def check_monitor(monitor: str, module: MultiTaskModule) -> None:
     keys = validation_keys(module)
     if monitor not in keys:
         shown = [k for k in keys if "/IoU/" not in k]
-        hint = did_you_mean(monitor, keys)
+        close = closest(monitor, keys)
+        hint = f"; did you mean {close!r}?" if close else ""
         raise ValueError(f"monitor={monitor!r} is not computed by this run{hint} (it logs {shown})")
 
 

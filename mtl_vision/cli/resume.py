@@ -94,20 +94,14 @@ def read_resume_point(path: str, cfg: DictConfig, *, found: bool) -> ResumePoint
         ValueError: the file cannot be read as a checkpoint.
         CheckpointMismatch: its run had other tasks, backbone, decoder, PEFT or balancer.
     """
-    import torch
+    from mtl_vision.engine.checkpoint import read_checkpoint
 
     how = f"found in the run directory {cfg.paths.output_dir}" if found else "named by ckpt_path"
     way_out = "start afresh with auto_resume=false or another hydra.run.dir" if found else "pick another ckpt_path"
     try:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        except RuntimeError:  # not a zip-format file, which mmap needs: the plain load says what it is
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated or foreign files fail in many ways inside torch.load
-        raise ValueError(
-            f"cannot resume from {path} ({how}): it is not a readable checkpoint "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); move it away, or {way_out}"
-        ) from None
+        checkpoint = read_checkpoint(path, name="it")
+    except ValueError as err:
+        raise ValueError(f"cannot resume from {path} ({how}): {err}; move it away, or {way_out}") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"cannot resume from {path} ({how}): it holds no Lightning state_dict; {way_out}")
     saved = (checkpoint.get("mtl_vision") or {}).get("config")

@@ -7,14 +7,13 @@ weights of the reference papers) so that losses, metrics and the fixed balancer 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-
 import os
 import signal
+from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
-from lightning.fabric.utilities.seed import pl_worker_init_function
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 

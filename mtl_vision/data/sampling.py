@@ -10,8 +10,8 @@ what ran before. `ResumableLoader` saves the position in the epoch in Lightning 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np

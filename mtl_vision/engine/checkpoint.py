@@ -41,6 +41,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             stale.unlink(missing_ok=True)
 
 
+def read_checkpoint(path: str | os.PathLike, *, name: str) -> Any:
+    """A checkpoint file loaded on the CPU, memory-mapped where its format allows (tensors are then
+    read from disk only when used). Our own files hold the run config and callback states, plain
+    Python objects, so `weights_only` is off. `name` says in errors how the file was given
+    (`ckpt='...'`, `init_from='...'`).
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        ValueError: the file cannot be read as a checkpoint (truncated, foreign, not a torch file).
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{name}: no such checkpoint file")
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError:  # not a zip-format file, which mmap needs: the plain load says what it is
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated or foreign files fail in many ways inside torch.load
+        reason = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(f"{name} could not be read as a checkpoint ({type(err).__name__}: {reason})") from None
+
+
 RNG_KEY = "rng_states"
 
 

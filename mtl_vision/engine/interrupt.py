@@ -25,6 +25,8 @@ from typing import Any
 
 import lightning as L
 
+from mtl_vision.slurm import slurm_job_id
+
 log = logging.getLogger(__name__)
 
 
@@ -35,14 +37,6 @@ class TrainingInterrupted(Exception):
         self.signum, self.checkpoint, self.step, self.requeued = signum, checkpoint, step, requeued
         name = signal.Signals(signum).name
         super().__init__(f"{name} at step {step}: wrote {checkpoint}" + ("; job requeued" if requeued else ""))
-
-
-def slurm_job_id() -> str | None:
-    """`<array job>_<task>` in a Slurm array task, else `SLURM_JOB_ID` (None outside Slurm)."""
-    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array_job and task:
-        return f"{array_job}_{task}"
-    return os.environ.get("SLURM_JOB_ID")
 
 
 def next_hpc_path(run_dir: str | os.PathLike) -> Path:

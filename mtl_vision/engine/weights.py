@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
 from torch import Tensor, nn
+
+from mtl_vision.engine.checkpoint import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,7 @@ def model_state_from_file(path: str | os.PathLike) -> dict[str, Tensor]:
         FileNotFoundError: no file at `path`.
         ValueError: the file is not a checkpoint, or holds no model weights.
     """
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"init_from={str(path)!r}: no such checkpoint file")
-    try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # truncated or foreign files fail in many ways inside torch.load
-        raise ValueError(f"init_from={str(path)!r} could not be read as a checkpoint: {err}") from None
+    checkpoint = read_checkpoint(path, name=f"init_from={str(path)!r}")
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise ValueError(
