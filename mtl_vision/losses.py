@@ -35,12 +35,19 @@ def depth_l1(raw: Tensor, target: Tensor) -> Tensor:
     return _masked_mean((raw.float() - target).abs(), valid)
 
 
-def normals_l1(raw: Tensor, target: Tensor) -> Tensor:
-    """raw (N,3,H,W) unnormalised, target (N,3,H,W) unit vectors, all-zero = invalid."""
+def normals_l1(raw: Tensor, target: Tensor, channels: str = "mean") -> Tensor:
+    """raw (N,3,H,W) unnormalised, target (N,3,H,W) unit vectors, all-zero = invalid.
+
+    The L1 distance of the unit prediction to the target per valid pixel, averaged over pixels;
+    `channels` says how a pixel's three absolute differences combine: "mean" (MTI-Net's loss) or
+    "sum" (ATRC's and InvPT's, three times larger).
+    """
+    if channels not in ("mean", "sum"):
+        raise ValueError(f"loss.task_kwargs.normals.channels={channels!r}: expected 'mean' or 'sum'")
     pred = F.normalize(raw.float(), dim=1, eps=1e-6)
     valid = (target.abs().sum(dim=1, keepdim=True) > 0).float()
     per_pixel = (pred - target).abs().sum(dim=1, keepdim=True)
-    return _masked_mean(per_pixel, valid) / 3.0
+    return _masked_mean(per_pixel, valid) / (3.0 if channels == "mean" else 1.0)
 
 
 def balanced_bce(raw: Tensor, target: Tensor, pos_weight: float = 0.95) -> Tensor:
@@ -57,10 +64,23 @@ def balanced_bce(raw: Tensor, target: Tensor, pos_weight: float = 0.95) -> Tenso
     return _masked_mean(per_pixel * weight, valid)
 
 
-def bce(raw: Tensor, target: Tensor) -> Tensor:
-    """raw (N,1,H,W) logits, target (N,1,H,W) in {0,1}; 255 = ignore."""
+def saliency_bce(raw: Tensor, target: Tensor, balanced: bool = False) -> Tensor:
+    """Saliency loss, averaged over valid pixels. raw (N,1,H,W) logits, or (N,2,H,W) logits of a
+    two-class head (whose cross-entropy is the BCE of the logit difference); target (N,1,H,W) in
+    {0,1}, 255 = ignore.
+
+    `balanced` weighs salient pixels by the batch's share of background pixels and background
+    pixels by the share of salient ones (ASTMT's balanced cross-entropy, used by InvPT,
+    TaskPrompter and MLoRE).
+    """
+    if raw.shape[1] == 2:
+        raw = raw[:, 1:] - raw[:, :1]
     valid = (target != IGNORE_INDEX).float()
-    per_pixel = F.binary_cross_entropy_with_logits(raw.float(), (target == 1).float(), reduction="none")
+    positive = (target == 1).float()
+    per_pixel = F.binary_cross_entropy_with_logits(raw.float(), positive, reduction="none")
+    if balanced:
+        negative_share = ((1.0 - positive) * valid).sum() / valid.sum().clamp(min=1)
+        per_pixel = per_pixel * (negative_share * positive + (1.0 - negative_share) * (1.0 - positive))
     return _masked_mean(per_pixel, valid)
 
 

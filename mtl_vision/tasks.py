@@ -26,6 +26,7 @@ from mtl_vision.metrics import (
     SaliencyMetrics,
     SegmentationMetrics,
 )
+from mtl_vision.metrics.protocols import DEFAULT_PROTOCOL
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class TaskSpec:
         channels: output channels of the head; None means one channel per class, the number
             of classes being given by the dataset (40 NYUD classes, 21 PASCAL classes, ...).
         loss: `loss(raw (N,C,H,W), target, **kwargs) -> scalar`, targets as in DESIGN.md.
-        metric: builds the torchmetrics `Metric` for this task from the dataset's facts.
+        metric: builds the torchmetrics `Metric` for this task from the dataset's facts and the
+            evaluation `protocol` (`eval.protocol`, mtl_vision/metrics/protocols.py).
         primary: key of the primary metric (as logged under `val/<task>/<key>`), the one the
             papers' tables and the multi-task delta use.
         lower_is_better: direction of the primary metric.
@@ -50,6 +52,8 @@ class TaskSpec:
             probabilities); what metrics and pictures consume.
         colorize: prediction or target -> (N,3,H,W) float RGB in [0,1] for pictures.
         is_classification: target is an (N,H,W) class map with ignore value 255.
+        other_channels: head widths accepted besides `channels` (saliency: 2, the two-class
+            softmax head of InvPT, TaskPrompter and MLoRE), chosen by `data.head_channels`.
     """
 
     name: str
@@ -63,6 +67,7 @@ class TaskSpec:
     is_classification: bool = False
     proxy: str | None = None
     lower_is_better_keys: frozenset[str] = frozenset()
+    other_channels: frozenset[int] = frozenset()
 
     @property
     def selection_key(self) -> str:
@@ -76,7 +81,15 @@ class TaskSpec:
                 return key
         return None
 
-    def out_channels(self, num_classes: int | None = None) -> int:
+    def out_channels(self, num_classes: int | None = None, *, requested: int | None = None) -> int:
+        if requested is not None:
+            allowed = ({self.channels} if self.channels is not None else set()) | set(self.other_channels)
+            if requested not in allowed:
+                raise ValueError(
+                    f"data.head_channels.{self.name}={requested}: a {self.name} head has "
+                    f"{' or '.join(map(str, sorted(allowed))) or 'one channel per class'} channels"
+                )
+            return requested
         if self.channels is not None:
             return self.channels
         if num_classes is None or num_classes < 1:
@@ -97,6 +110,14 @@ def _identity(raw: Tensor) -> Tensor:
 
 
 def _sigmoid(raw: Tensor) -> Tensor:
+    return torch.sigmoid(raw.float())
+
+
+def _foreground_probability(raw: Tensor) -> Tensor:
+    """(N,1,H,W) probability of the positive class: sigmoid of one logit, or the softmax of a
+    two-class head taken at class 1."""
+    if raw.shape[1] == 2:
+        return torch.softmax(raw.float(), dim=1)[:, 1:]
     return torch.sigmoid(raw.float())
 
 
@@ -135,10 +156,10 @@ TASKS: dict[str, TaskSpec] = {
         name="depth",
         channels=1,
         loss=losses.depth_l1,
-        metric=lambda **_: DepthMetrics(),
+        metric=lambda *, protocol=DEFAULT_PROTOCOL, **_: DepthMetrics(protocol=protocol),
         primary="rmse",
         lower_is_better=True,
-        lower_is_better_keys=frozenset({"rmse", "abs_rel", "log_rmse"}),
+        lower_is_better_keys=frozenset({"rmse", "abs_rel", "log_rmse", "sq_rel"}),
         activate=_identity,
         colorize=viz.colorize_depth,
     ),
@@ -146,7 +167,7 @@ TASKS: dict[str, TaskSpec] = {
         name="normals",
         channels=3,
         loss=losses.normals_l1,
-        metric=lambda **_: NormalMetrics(),
+        metric=lambda *, protocol=DEFAULT_PROTOCOL, **_: NormalMetrics(protocol=protocol),
         primary="mean",
         lower_is_better=True,
         lower_is_better_keys=frozenset({"mean", "median", "rmse"}),
@@ -170,12 +191,13 @@ TASKS: dict[str, TaskSpec] = {
     "saliency": TaskSpec(
         name="saliency",
         channels=1,
-        loss=losses.bce,
-        metric=lambda **_: SaliencyMetrics(),
+        loss=losses.saliency_bce,
+        metric=lambda *, protocol=DEFAULT_PROTOCOL, **_: SaliencyMetrics(protocol=protocol),
         primary="maxF",
         lower_is_better=False,
-        activate=_sigmoid,
+        activate=_foreground_probability,
         colorize=viz.colorize_heat,
+        other_channels=frozenset({2}),
     ),
 }
 

@@ -29,69 +29,75 @@ def _ctal(tasks=TASKS, backbone=CNN, **kwargs) -> CTALDecoder:
 
 
 # ---------------------------------------------------------------- InvPT
+# (equality with the authors' code: tests/test_reference_models.py)
+
+VIT4 = {"in_channels": [8, 8, 8, 8], "strides": [16, 16, 16, 16]}
 
 
 @pytest.mark.parametrize("backbone", [VIT, CNN], ids=["vit", "cnn"])
 def test_invpt_attention_mixes_tasks(backbone):
     decoder = _invpt(backbone=backbone).eval()
-    features = random_features(backbone, (64, 80))
+    features = random_features(backbone, (128, 128))
     with torch.no_grad():
         before = decoder(features)
         # perturb only the depth task's preliminary feature map
-        handle = decoder.preliminary["depth"].register_forward_hook(lambda m, i, out: out + 1.0)
+        handle = decoder.preliminary_decoder["depth"].register_forward_hook(lambda m, i, out: out + 1.0)
         after = decoder(features)
         handle.remove()
-    # depth's own output and preliminary prediction change...
     assert not torch.allclose(before["depth"], after["depth"])
-    # ...and so does every other task's final output: only the attention connects the tasks
+    # every other task's final output changes too: only the attention connects the tasks
     for task in ("semseg", "normals"):
         assert not torch.allclose(before[task], after[task]), task
         torch.testing.assert_close(before["aux"]["preliminary"][task], after["aux"]["preliminary"][task])
 
 
 def test_invpt_stages_follow_the_inverted_pyramid():
-    decoder = _invpt()
-    sizes, out_size = decoder.plan((64, 80))
-    assert sizes == [(2, 3), (4, 5), (8, 10)] and out_size == (16, 20)
+    decoder = _invpt(backbone=VIT4)
     seen = []
-    hooks = [s.register_forward_hook(lambda m, i, out: seen.append(tuple(out.shape))) for s in decoder.stages]
-    out = decoder(random_features(VIT, (64, 80)))
+    hooks = [s.register_forward_hook(lambda m, i, out: seen.append([tuple(x.shape) for x in out[0]]))
+             for s in decoder.invpt_stages]
+    out = decoder(random_features(VIT4, (128, 192)))
     for h in hooks:
         h.remove()
-    # (N, tasks, h, w, width): resolution doubles, width halves, stage after stage
-    assert seen == [(2, 3, 2, 3, 16), (2, 3, 4, 5, 8), (2, 3, 8, 10, 4)]
-    assert out["semseg"].shape == (2, 5, 16, 20)
-    assert out["aux"]["preliminary"]["semseg"].shape == (2, 5, 2, 3)
-    assert decoder.fuse_levels == [None, 1, 0]  # ViT: earlier blocks join the finer stages
+    # stride 32, 16, 8; width 16 + 64 halved twice; one map per task
+    assert seen == [[(2, 80, 4, 6)] * 3, [(2, 40, 8, 12)] * 3, [(2, 20, 16, 24)] * 3]
+    assert out["semseg"].shape == (2, 5, 32, 48)
+    assert out["aux"]["preliminary"]["semseg"].shape == (2, 5, 4, 6)
+    # ViT: blocks of the third- and fourth-last level join the second and third stage, the
+    # latter through a stride-2 transposed conv (stride 16 -> 8)
+    assert decoder.skip_levels == [1, 0]
+    assert isinstance(decoder.scale_embed["1"], torch.nn.Conv2d)
+    assert isinstance(decoder.scale_embed["0"], torch.nn.ConvTranspose2d)
 
 
-@pytest.mark.parametrize(
-    ("kv_strides", "keys_per_task"),
-    [((2, 4, 8), [4, 4, 4]), ((1, 1, 1), [16, 64, 256]), ((1, 2, 4), [16, 16, 16])],
-)
-def test_invpt_key_value_pooling_sets_the_key_length(monkeypatch, kv_strides, keys_per_task):
-    decoder = _invpt(kv_strides=kv_strides)
-    calls = []
-    sdpa = F.scaled_dot_product_attention
-
-    def recording(q, k, v, *args, **kwargs):
-        calls.append((q.shape[-2], k.shape[-2]))
-        return sdpa(q, k, v, *args, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
-    decoder(random_features(VIT, size=(128, 128)))  # stages at 4x4, 8x8, 16x16
-    n_tasks = len(TASKS)
-    # queries at half the stage resolution (q_strides 2), keys pooled by kv_strides, all tasks in one sequence
-    assert [q for q, _ in calls] == [n_tasks * 4, n_tasks * 16, n_tasks * 64]
-    assert [k for _, k in calls] == [n_tasks * k for k in keys_per_task]
+def test_invpt_keys_stay_on_one_grid_and_scores_pass_between_stages():
+    decoder = _invpt(backbone=VIT4).eval()
+    features = random_features(VIT4, (256, 256))  # stage grids 8x8, 16x16, 32x32
+    scores = []
+    hooks = [s.blocks[0].attn.register_forward_hook(lambda m, i, out: scores.append(tuple(out[1].shape)))
+             for s in decoder.invpt_stages]
+    with torch.no_grad():
+        before = decoder(features)
+    for h in hooks:
+        h.remove()
+    tasks = len(TASKS)
+    # (N, heads, all tasks' queries at half the grid, all tasks' keys pooled by 2, 4, 8 to 4x4)
+    assert scores == [(2, 2, tasks * 16, tasks * 16), (2, 2, tasks * 64, tasks * 16), (2, 2, tasks * 256, tasks * 16)]
+    assert decoder.invpt_stages[0].blocks[0].attn.fuse_attn is None
+    # the second stage's scores depend on the first stage's: cut the message, the output changes
+    fuse = decoder.invpt_stages[1].blocks[0].attn.fuse_attn
+    with torch.no_grad():
+        fuse.weight[:, 2:] = 0
+        after = decoder(features)
+    assert not torch.allclose(before["semseg"], after["semseg"])
 
 
 def test_invpt_checks_heads_against_the_widths():
     with pytest.raises(ValueError, match="num_heads"):
-        _invpt(channels=24, num_heads=(2, 2, 4))  # stage widths 24, 12, 6
+        _invpt(channels=16, extra_channels=8, num_heads=(2, 2, 4))  # stage widths 24, 12, 6
     with pytest.raises(ValueError, match="divisible"):
-        _invpt(channels=18)  # cannot be halved twice
-    assert _invpt(channels=16).dims == [16, 8, 4]
+        _invpt(channels=16, extra_channels=2)  # 18 cannot be halved twice
+    assert _invpt(channels=16, extra_channels=16).dims == [32, 16, 8]
 
 
 # ---------------------------------------------------------------- CTAL

@@ -39,6 +39,10 @@ def test_normals_l1_normalises_prediction_and_masks_invalid():
     target_y = torch.tensor([[[[0.0, 0.0]], [[1.0, 0.0]], [[0.0, 0.0]]]])
     # |(1,0,0) - (0,1,0)|_1 = 2 over 3 channels of the one valid pixel
     assert losses.normals_l1(raw, target_y).item() == pytest.approx(2.0 / 3.0, abs=1e-6)
+    # ATRC / InvPT: the three channels' differences summed per pixel
+    assert losses.normals_l1(raw, target_y, channels="sum").item() == pytest.approx(2.0, abs=1e-6)
+    with pytest.raises(ValueError, match="channels"):
+        losses.normals_l1(raw, target_y, channels="median")
 
 
 def test_balanced_bce_matches_its_formula():
@@ -55,7 +59,22 @@ def test_balanced_bce_matches_its_formula():
 def test_bce_plain_mean():
     raw = torch.tensor([[[[0.0, 0.0]]]])
     target = torch.tensor([[[[1.0, 0.0]]]])
-    assert losses.bce(raw, target).item() == pytest.approx(math.log(2.0))
+    assert losses.saliency_bce(raw, target).item() == pytest.approx(math.log(2.0))
+
+
+def test_two_class_saliency_loss_is_the_balanced_cross_entropy_of_astmt():
+    # logits of (background, salient) for 4 pixels, one ignored; 1 salient of 3 valid
+    raw = torch.tensor([[[[0.5, -1.0, 2.0, 0.0]], [[1.5, 0.0, -0.5, 3.0]]]])
+    target = torch.tensor([[[[1.0, 0.0, 0.0, 255.0]]]])
+    ce = [-torch.log_softmax(raw[0, :, 0, i], dim=0)[int(target[0, 0, 0, i])].item() for i in range(3)]
+    assert losses.saliency_bce(raw, target).item() == pytest.approx(sum(ce) / 3, rel=1e-6)
+    # class weights (1 - w, w), w = share of background among valid pixels (2/3); sum / valid pixels
+    w = 2 / 3
+    expected = (w * ce[0] + (1 - w) * ce[1] + (1 - w) * ce[2]) / 3
+    assert losses.saliency_bce(raw, target, balanced=True).item() == pytest.approx(expected, rel=1e-6)
+    # the one-logit form of the same head: the logit difference
+    diff = raw[:, 1:] - raw[:, :1]
+    assert losses.saliency_bce(diff, target, balanced=True).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_multitask_loss_applies_task_kwargs_and_checks_keys():

@@ -16,6 +16,7 @@ from mtl_vision.engine.checkpoint import read_checkpoint
 from mtl_vision.engine.module import RUN_INFO_KEY, MultiTaskModule
 from mtl_vision.metrics.delta_m import KEY as DELTA_M_KEY
 from mtl_vision.metrics.delta_m import DeltaM, task_metrics, update_baselines
+from mtl_vision.metrics.protocols import check_protocol
 from mtl_vision.models.model import MultiTaskModel
 from mtl_vision.tasks import get_task
 
@@ -32,7 +33,13 @@ def build_delta_m(cfg: DictConfig) -> DeltaM | None:
     node = cfg.get("delta_m")
     if node is None:
         return None
-    return DeltaM(node.get("baselines"), node.get("convention", "mtinet"))
+    return DeltaM(node.get("baselines"), node.get("convention", "mtinet"), protocol=eval_protocol(cfg))
+
+
+def eval_protocol(cfg: DictConfig) -> str:
+    """`cfg.eval.protocol` checked (mtl_vision/metrics/protocols.py); `atrc` for configs without it
+    (checkpoints written before the key existed)."""
+    return check_protocol((cfg.get("eval") or {}).get("protocol"), where="eval.protocol")
 
 
 def check_monitor(monitor: str, tasks: list[str], delta_m: DeltaM | None = None) -> None:
@@ -115,9 +122,11 @@ def build_module(
 
     `edge_exact` adds the exact BSDS boundary metrics (odsF, oisF, ap; about a second per image)
     to the cheap `odsF_approx`; `save_run_info` stores the config and facts in every checkpoint.
+    The metrics score with the evaluation protocol `cfg.eval.protocol` (atrc | invpt | mtinet).
     """
     facts = datamodule if isinstance(datamodule, TaskFacts) else TaskFacts.of(datamodule)
     tasks, channels = facts.tasks, facts.task_channels
+    protocol = eval_protocol(cfg)  # checked before anything is built
     backbone = instantiate(cfg.backbone, tasks=tasks)
     if cfg.get("peft") is not None:
         # parameter-efficient fine-tuning (conf/peft): adapts the built backbone in place
@@ -129,6 +138,7 @@ def build_module(
             class_names=facts.class_names.get(t),
             edge_tolerance=facts.edge_tolerance,
             edge_exact=edge_exact,
+            protocol=protocol,
         )
         for t in tasks
     }
@@ -146,6 +156,7 @@ def build_module(
         gradient_clip_algorithm=cfg.trainer.get("gradient_clip_algorithm"),
         accumulate_grad_batches=cfg.trainer.get("accumulate_grad_batches") or 1,
         max_consecutive_nonfinite=cfg.get("guard", {}).get("max_consecutive_nonfinite", 25),
+        no_weight_decay_1d=bool(cfg.get("no_weight_decay_1d", True)),
         run_info=run_info(cfg, facts) if save_run_info else None,
     )
 

@@ -25,12 +25,14 @@ from mtl_vision.cli.build import build_datamodule, build_module, load_run, write
 from mtl_vision.cli.overrides import check_overrides
 from mtl_vision.engine.report import markdown_report, print_metric_table, write_json
 from mtl_vision.fileio import atomic_write_text
+from mtl_vision.metrics.protocols import check_protocol
 
 log = logging.getLogger(__name__)
 
 
 def evaluation_config(cfg: DictConfig) -> tuple[DictConfig, object, dict]:
-    """The checkpoint's run config with the overrides of the eval config applied."""
+    """The checkpoint's run config with the overrides of the eval config applied (`data`,
+    `delta_m`, `eval.protocol`)."""
     run_cfg, facts, state = load_run(cfg.ckpt)
     with open_dict(run_cfg):
         for key, value in (cfg.get("data") or {}).items():
@@ -46,6 +48,12 @@ def evaluation_config(cfg: DictConfig) -> tuple[DictConfig, object, dict]:
         for key, value in (cfg.get("delta_m") or {}).items():
             if value is not None:
                 run_cfg.delta_m[key] = value
+        # eval.protocol: null keeps the protocol the run validated with (atrc before the key existed)
+        protocol = (cfg.get("eval") or {}).get("protocol")
+        if protocol is not None:
+            if run_cfg.get("eval") is None:
+                run_cfg.eval = {}
+            run_cfg.eval.protocol = check_protocol(protocol, where="eval.protocol")
     return run_cfg, facts, state
 
 

@@ -43,6 +43,20 @@ def _type_error(key: str, old: Any, new: Any) -> str | None:
     return None
 
 
+def _value_error(key: str, new: Any) -> str | None:
+    """The message of a key whose values are a fixed set (e.g. `eval.protocol`) for a value outside it."""
+    from mtl_vision.metrics.protocols import check_protocol
+
+    checks = {"eval.protocol": check_protocol}
+    if key not in checks or new is None:
+        return None
+    try:
+        checks[key](new, where=key)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 # Hydra's flags that take the next argument as their value
 VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
                "--experimental-rerun"}  # fmt: skip
@@ -133,6 +147,9 @@ def problems(config_name: str, args: list[str]) -> list[str]:
         message = _type_error(key, old, new)
         if message:
             found.append(f"{message} (the default is {old!r})")
+        message = _value_error(key, new)
+        if message:
+            found.append(message)
     return found
 
 

@@ -57,6 +57,8 @@ class MultiTaskDataModule(L.LightningDataModule):
             and counted (`train/skipped_samples`) instead of ending the run; validation stays strict.
         seed: the run's seed; the training order and the augmentation of every sample are
             functions of (seed, epoch, index) (see `data.sampling`), which makes resume exact.
+        head_channels: {task: head width} where a task accepts another width than its default
+            (`{saliency: 2}`: the two-class softmax head of InvPT, TaskPrompter and MLoRE).
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         name: str | None = None,
         seed: int = 0,
         skip_corrupt: bool = False,
+        head_channels: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -102,6 +105,10 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.name = name
         self.seed = int(seed)
         self.skip_corrupt = bool(skip_corrupt)
+        self.head_channels = dict(head_channels or {})
+        unknown = [t for t in self.head_channels if t not in self.tasks]
+        if unknown:
+            raise ValueError(f"data.head_channels names {unknown}, which are not in data.tasks {self.tasks}")
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
@@ -130,7 +137,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             spec = get_task(task)
             if spec.is_classification and task not in names:
                 raise ValueError(f"dataset {type(self.val_set).__name__} gives no class_names for task {task!r}")
-            channels[task] = spec.out_channels(len(names.get(task, ())) or None)
+            channels[task] = spec.out_channels(len(names.get(task, ())) or None, requested=self.head_channels.get(task))
         return channels
 
     def _loader(self, dataset: Dataset, *, train: bool) -> DataLoader:

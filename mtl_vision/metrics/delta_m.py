@@ -10,6 +10,9 @@ Two conventions:
 * ``mtinet`` (default): one metric per task, its primary (semseg/human_parts mIoU, depth rmse,
   normals mean angle, saliency maxF, edge odsF), as in the tables of MTI-Net, ATRC, InvPT and
   TaskExpert. Edge uses the exact ``odsF`` when both sides have it, else ``odsF_approx`` on both.
+  The saliency primary follows the evaluation protocol (``protocols.py``): ``maxF`` under
+  ``atrc``, ``maxF_sigmoid_prob`` under ``invpt``, ``max_mIoU_per_image`` (MTI-Net's saliency
+  mIoU, which its own Δm uses) under ``mtinet``; both sides must have been scored with it.
 * ``libmtl``: LibMTL's mean over every metric of a task (each with its own direction), then over
   tasks. Per-class IoUs and losses are left out.
 
@@ -42,6 +45,7 @@ from pathlib import Path
 import yaml
 
 from mtl_vision.fileio import atomic_write_text
+from mtl_vision.metrics.protocols import DEFAULT_PROTOCOL, check_protocol, protocol_primary
 from mtl_vision.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -79,10 +83,11 @@ def _term(task: str, key: str, value: float, base: float) -> float:
     return sign * (value - base) / base * 100.0
 
 
-def _task_keys(task: str, common: set[str], convention: str) -> list[str]:
+def _task_keys(task: str, common: set[str], convention: str, protocol: str = DEFAULT_PROTOCOL) -> list[str]:
     spec = get_task(task)
     if convention == "mtinet":
-        key = spec.primary_in(common)
+        override = protocol_primary(task, protocol)
+        key = (override if override in common else None) if override else spec.primary_in(common)
         return [key] if key is not None else []
     keys = sorted(common)
     if spec.primary in common and spec.proxy in common:
@@ -96,10 +101,12 @@ def delta_m(
     tasks: Sequence[str],
     *,
     convention: str = "mtinet",
+    protocol: str = DEFAULT_PROTOCOL,
     prefix: str = "val",
 ) -> float:
     """Δm in percent of ``results`` (flat ``<prefix>/<task>/<metric>`` dict) against
-    ``baselines`` (``{task: {metric: value}}``) over ``tasks``.
+    ``baselines`` (``{task: {metric: value}}``) over ``tasks``; ``protocol`` (the evaluation
+    protocol both were scored with) chooses the primary metric where the papers differ.
 
     Raises:
         ValueError: unknown convention, or a task without a baseline or without a metric that
@@ -107,6 +114,7 @@ def delta_m(
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"delta_m convention must be one of {CONVENTIONS}, got {convention!r}")
+    protocol = check_protocol(protocol)
     if not tasks:
         raise ValueError("delta_m needs at least one task")
     per_task = []
@@ -115,10 +123,12 @@ def delta_m(
             raise ValueError(f"no single-task baseline for task {task!r} (baselines have {sorted(baselines)})")
         ours = task_metrics(results, task, prefix)
         base = baselines[task]
-        keys = _task_keys(task, set(ours) & set(base), convention)
+        keys = _task_keys(task, set(ours) & set(base), convention, protocol)
         if not keys:
+            wanted = protocol_primary(task, protocol) if convention == "mtinet" else None
+            need = f" (its primary under eval.protocol={protocol} is {wanted!r})" if wanted else ""
             raise ValueError(
-                f"task {task!r}: no metric both in the results {sorted(ours)} and in the baseline {sorted(base)}"
+                f"task {task!r}: no metric both in the results {sorted(ours)} and in the baseline {sorted(base)}{need}"
             )
         per_task.append(sum(_term(task, k, ours[k], float(base[k])) for k in keys) / len(keys))
     return sum(per_task) / len(per_task)
@@ -201,13 +211,18 @@ class DeltaM:
     Args:
         baselines: path of the baselines YAML; a missing file means no Δm (nothing is logged).
         convention: ``mtinet`` (primary metric per task) or ``libmtl`` (mean over all metrics).
+        protocol: the evaluation protocol (``eval.protocol``) of the results and the baselines;
+            it chooses the saliency primary under ``mtinet``.
     """
 
-    def __init__(self, baselines: str | os.PathLike | None, convention: str = "mtinet") -> None:
+    def __init__(
+        self, baselines: str | os.PathLike | None, convention: str = "mtinet", protocol: str = DEFAULT_PROTOCOL
+    ) -> None:
         if convention not in CONVENTIONS:
             raise ValueError(f"delta_m.convention must be one of {CONVENTIONS}, got {convention!r}")
         self.path = Path(baselines) if baselines else None
         self.convention = convention
+        self.protocol = check_protocol(protocol)
         self.baselines = load_baselines(self.path) if self.path is not None else {}
         self._warned: set[str] = set()
 
@@ -220,7 +235,9 @@ class DeltaM:
         if not self.covers(tasks):
             return None
         try:
-            return delta_m(results, self.baselines, tasks, convention=self.convention, prefix=prefix)
+            return delta_m(
+                results, self.baselines, tasks, convention=self.convention, protocol=self.protocol, prefix=prefix
+            )
         except ValueError as err:
             if str(err) not in self._warned:
                 self._warned.add(str(err))

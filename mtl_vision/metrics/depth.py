@@ -1,4 +1,4 @@
-"""Depth metric: errors pooled over every valid pixel of the split."""
+"""Depth metric: errors pooled over every valid pixel of the split, per evaluation protocol."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from mtl_vision.metrics.functional import _depth_compute, _depth_update
+from mtl_vision.metrics.functional import _depth_compute, _depth_sq_rel_compute, _depth_sq_rel_update, _depth_update
+from mtl_vision.metrics.protocols import DEFAULT_PROTOCOL, check_protocol
 
 __all__ = ["DepthMetrics"]
 
@@ -16,11 +17,24 @@ class DepthMetrics(Metric):
 
     States are float64 sums and int64 counts over valid pixels (``target > 0``), so rmse is
     sqrt(sum of squared errors / number of valid pixels of the split), as in the reference
-    ``DepthMeter`` — not a mean of per-image or per-batch rmse. Predictions are clamped to
+    ``DepthMeter`` — not a mean of per-image or per-batch rmse. Non-positive predictions become
     1e-9 before all terms (reference behaviour, see ``functional._depth_update``).
 
+    Where a codebase reports one of these keys it computes it this way, pooled over the split,
+    natural log (ATRC ``src/data/metrics.py: RMSE``, rmse only, after clamping predictions at 0
+    instead of 1e-9; MTI-Net ``evaluation/eval_depth.py``, rmse and log_rmse; InvPT
+    ``evaluation/eval_depth.py``, rmse, log_rmse, abs_rel); delta1 is ours.
+    ``protocol="invpt"`` adds ``sq_rel`` = mean of (p - g)^2 / g, which the InvPT, TaskPrompter
+    and MLoRE ``DepthMeter`` report. Their masks: InvPT counts ``gt != 255`` after its transforms
+    turned missing depth (0) into 255, TaskPrompter and MLoRE count 0 < gt < 80; on NYUD
+    (depth below 10 m) both select exactly ``target > 0``.
+
+    Args:
+        protocol: ``atrc`` (default), ``invpt`` or ``mtinet``.
+
     ``update(pred, target)``: depth in metres, (N, H, W) or (N, 1, H, W), any float dtype.
-    ``compute()`` returns ``{"rmse", "abs_rel", "log_rmse", "delta1"}`` (NaN if nothing was valid).
+    ``compute()`` returns ``{"rmse", "abs_rel", "log_rmse", "delta1"}`` (+ ``sq_rel`` under
+    ``invpt``; NaN if nothing was valid).
     """
 
     is_differentiable = False
@@ -34,9 +48,11 @@ class DepthMetrics(Metric):
     n_valid: Tensor
     n_delta1: Tensor
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, protocol: str = DEFAULT_PROTOCOL, **kwargs) -> None:
         super().__init__(**kwargs)
-        for name in ("sum_sq_err", "sum_abs_rel", "sum_sq_log_err"):
+        self.protocol = check_protocol(protocol, where="protocol")
+        sums = ["sum_sq_err", "sum_abs_rel", "sum_sq_log_err"] + (["sum_sq_rel"] if self.protocol == "invpt" else [])
+        for name in sums:
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         for name in ("n_valid", "n_delta1"):
             self.add_state(name, default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
@@ -49,7 +65,12 @@ class DepthMetrics(Metric):
         self.sum_sq_log_err += sum_sq_log_err
         self.n_valid += n_valid
         self.n_delta1 += n_delta1
+        if self.protocol == "invpt":
+            self.sum_sq_rel += _depth_sq_rel_update(pred, target)
 
     def compute(self) -> dict[str, Tensor]:
         """Split-level depth errors."""
-        return _depth_compute(self.sum_sq_err, self.sum_abs_rel, self.sum_sq_log_err, self.n_valid, self.n_delta1)
+        out = _depth_compute(self.sum_sq_err, self.sum_abs_rel, self.sum_sq_log_err, self.n_valid, self.n_delta1)
+        if self.protocol == "invpt":
+            out |= _depth_sq_rel_compute(self.sum_sq_rel, self.n_valid)
+        return out

@@ -16,7 +16,8 @@ gives the same numbers as the functional on the concatenated split.
 
 Conventions (they follow the published multi-task protocols, see the docstrings):
 ratios (IoU, accuracy, F, within-X) are in percent, depth errors in the unit of
-the input (metres), angles in degrees.
+the input (metres), angles in degrees. ``max_f``, ``depth_errors`` and ``normal_errors``
+take the evaluation ``protocol`` (``atrc`` | ``invpt`` | ``mtinet``, see ``protocols.py``).
 """
 
 from __future__ import annotations
@@ -24,17 +25,29 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mtl_vision.constants import IGNORE_INDEX as IGNORE_LABEL
 from mtl_vision.metrics.boundary import ods_f  # the exact BSDS benchmark (numba), a twin like the others
+from mtl_vision.metrics.protocols import DEFAULT_PROTOCOL, check_protocol
 
-__all__ = ["depth_errors", "max_f", "miou", "normal_errors", "ods_f", "ods_f_approx"]
+__all__ = [
+    "depth_errors",
+    "dequantise_normals_uint8",
+    "max_f",
+    "miou",
+    "normal_errors",
+    "ods_f",
+    "ods_f_approx",
+    "quantise_normals_uint8",
+    "quantise_saliency_uint8",
+]
 
-# Depth predictions are clamped to this before log / ratio terms (and, as in the
-# reference DepthMeter, before every term), see ``_depth_update``.
+# Non-positive depth predictions are replaced by this before every term (as the reference
+# evaluators do), see ``_depth_update``.
 DEPTH_PRED_EPS = 1e-9
 # Thresholds of the within-X normal accuracies (strict ``angle < X``, as in ASTMT / MTI-Net).
 NORMAL_WITHIN_DEG = (11.25, 22.5, 30.0)
@@ -42,6 +55,8 @@ _NORMAL_WITHIN_KEYS = ("within_11_25", "within_22_5", "within_30")
 # Saliency: thresholds k/20, k = 1..19 (ATRC / InvPT ``threshold_step=0.05``), F_beta with beta^2 = 0.3.
 SALIENCY_NUM_THRESHOLDS = 19
 SALIENCY_BETA_SQUARED = 0.3
+# MTI-Net saliency: np.linspace(0.2, 0.9, 15) (0.2, 0.25, ..., 0.9), predicted salient where ``> t``.
+MTINET_SALIENCY_THRESHOLDS = tuple(float(t) for t in np.linspace(0.2, 0.9, 15))
 # Edge: 99 thresholds k/100, k = 1..99, like the BSDS ``edgesEvalImg`` default.
 EDGE_NUM_THRESHOLDS = 99
 # Label used for "don't care" pixels in saliency / edge targets.
@@ -207,6 +222,11 @@ def miou(
 # --------------------------------------------------------------------------- #
 # Depth
 # --------------------------------------------------------------------------- #
+def _positive_depth(pred: Tensor) -> Tensor:
+    """Non-positive predicted depths replaced by ``DEPTH_PRED_EPS`` (NaN stays NaN)."""
+    return torch.where(pred <= 0, torch.full_like(pred, DEPTH_PRED_EPS), pred)
+
+
 def _depth_update(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Sufficient statistics of depth errors for one batch.
 
@@ -218,17 +238,18 @@ def _depth_update(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor,
     Returns:
         ``(sum_sq_err, sum_abs_rel, sum_sq_log_err, n_valid, n_delta1)``: float64 sums and int64 counts.
 
-    Non-positive predictions are clamped to ``DEPTH_PRED_EPS`` = 1e-9 before all terms, as
-    the reference evaluators do (MTI-Net ``DepthMeter``: ``torch.clamp(pred, min=1e-9)``;
-    InvPT / TaskPrompter: ``pred[pred <= 0] = 1e-9``). For rmse this is a no-op in practice;
-    for log_rmse / abs_rel / delta1 it keeps the terms finite and strongly penalised.
+    Non-positive predictions become ``DEPTH_PRED_EPS`` = 1e-9 before all terms, as the reference
+    evaluators do (``pred[pred <= 0] = 1e-9`` in MTI-Net's ``eval_depth`` and in InvPT /
+    TaskPrompter / MLoRE's ``DepthMeter``; positive values, even below 1e-9, are kept). For
+    rmse this is a no-op in practice; for log_rmse / abs_rel / delta1 it keeps the terms finite
+    and strongly penalised. A NaN prediction stays NaN.
     """
     pred, target = _check_map_pair(pred, target, "pred", "target")
     # float64: float16 cannot hold 1e-9, and per-pixel errors are summed over ~1e8 pixels
     pred = _as_floating(pred).to(torch.float64)
     target = _as_floating(target).to(torch.float64)
     valid = target > 0
-    p = pred[valid].clamp(min=DEPTH_PRED_EPS)
+    p = _positive_depth(pred[valid])
     g = target[valid]
     diff = p - g
     log_diff = torch.log(p) - torch.log(g)
@@ -255,20 +276,43 @@ def _depth_compute(
     }
 
 
-def depth_errors(pred: Tensor, target: Tensor) -> dict[str, float]:
+def _depth_sq_rel_update(pred: Tensor, target: Tensor) -> Tensor:
+    """Sum of (p - g)^2 / g over the valid pixels of one batch (float64), masks and clamp as in
+    ``_depth_update``: the InvPT / TaskPrompter / MLoRE ``sq_rel`` numerator."""
+    pred, target = _check_map_pair(pred, target, "pred", "target")
+    pred = _as_floating(pred).to(torch.float64)
+    target = _as_floating(target).to(torch.float64)
+    valid = target > 0
+    g = target[valid]
+    diff = _positive_depth(pred[valid]) - g
+    return (diff * diff / g).sum()
+
+
+def _depth_sq_rel_compute(sum_sq_rel: Tensor, n_valid: Tensor) -> dict[str, Tensor]:
+    """``sq_rel`` = mean over the valid pixels of the split of (p - g)^2 / g (metres)."""
+    return {"sq_rel": sum_sq_rel / n_valid.to(torch.float64)}
+
+
+def depth_errors(pred: Tensor, target: Tensor, *, protocol: str = DEFAULT_PROTOCOL) -> dict[str, float]:
     """Depth errors pooled over every valid pixel of the split.
 
     Args:
         pred: predicted depth in metres, (N, H, W) or (N, 1, H, W).
         target: ground-truth depth, same shape; valid where ``target > 0``.
+        protocol: ``atrc`` / ``mtinet`` (these keys) or ``invpt`` (adds ``sq_rel``), see ``DepthMetrics``.
 
     Returns:
         ``{"rmse", "abs_rel", "log_rmse", "delta1"}``; rmse = sqrt(sum (p-g)^2 / N_valid),
         abs_rel = mean |p-g|/g, log_rmse = sqrt(mean (log p - log g)^2) (natural log),
-        delta1 = % of valid pixels with max(p/g, g/p) < 1.25. Predictions are clamped to 1e-9.
-        All NaN if no pixel is valid.
+        delta1 = % of valid pixels with max(p/g, g/p) < 1.25; under ``invpt`` also
+        sq_rel = mean (p-g)^2/g. Non-positive predictions become 1e-9. All NaN if no pixel is valid.
     """
-    return _to_floats(_depth_compute(*_depth_update(pred, target)))
+    protocol = check_protocol(protocol, where="protocol")
+    stats = _depth_update(pred, target)
+    out = _depth_compute(*stats)
+    if protocol == "invpt":
+        out |= _depth_sq_rel_compute(_depth_sq_rel_update(pred, target), stats[3])
+    return _to_floats(out)
 
 
 # --------------------------------------------------------------------------- #
@@ -379,18 +423,45 @@ def _exact_median(values: Tensor) -> Tensor:
     return (lo + hi) / 2
 
 
-def normal_errors(pred: Tensor, target: Tensor) -> dict[str, float]:
+def quantise_normals_uint8(pred: Tensor) -> Tensor:
+    """Normals as MTI-Net saves them for its evaluator: uint8 (N, 3, H, W).
+
+    Each vector is normalised (``F.normalize``, eps 1e-12), mapped to ``(n + 1) * 255 / 2`` in
+    float32 and truncated to an integer, as numpy's ``astype(np.uint8)`` does before the PNG is
+    written (MTI-Net ``utils/utils.py: get_output`` + ``evaluate_utils.py: save_model_predictions``).
+    """
+    if not isinstance(pred, Tensor) or pred.ndim != 4 or pred.shape[1] != 3:
+        raise ValueError(f"Expected `pred` of shape (N, 3, H, W), got {getattr(pred, 'shape', type(pred))}")
+    unit = F.normalize(_as_floating(pred.detach()).to(torch.float32), dim=1)
+    return ((unit + 1.0) * 255 / 2.0).floor().clamp_(0, 255).to(torch.uint8)
+
+
+def dequantise_normals_uint8(stored: Tensor) -> Tensor:
+    """The float32 vectors MTI-Net's evaluator reads back from the uint8 image: ``2 q / 255 - 1``
+    (not unit length; the angle normalises them)."""
+    return 2.0 * stored.to(torch.float32) / 255.0 - 1.0
+
+
+def _protocol_normals(pred: Tensor, protocol: str) -> Tensor:
+    """The prediction a protocol scores: as stored (uint8 round trip) under ``mtinet``, else as is."""
+    return dequantise_normals_uint8(quantise_normals_uint8(pred)) if protocol == "mtinet" else pred
+
+
+def normal_errors(pred: Tensor, target: Tensor, *, protocol: str = DEFAULT_PROTOCOL) -> dict[str, float]:
     """Angular errors of surface normals pooled over every valid pixel of the split.
 
     Args:
         pred: predicted normals, (N, 3, H, W) (normalised to unit length here).
         target: ground-truth normals, (N, 3, H, W); pixels with a zero vector are invalid.
+        protocol: ``atrc`` / ``invpt`` score ``pred``; ``mtinet`` scores it after the uint8 round
+            trip of ``quantise_normals_uint8`` (see ``NormalMetrics``).
 
     Returns:
         ``{"mean", "median", "rmse"}`` in degrees (exact median, ``np.median`` semantics) and
         ``{"within_11_25", "within_22_5", "within_30"}``: % of valid pixels with angle strictly
         below 11.25 / 22.5 / 30 degrees. All NaN if no pixel is valid.
     """
+    pred = _protocol_normals(pred, check_protocol(protocol, where="protocol"))
     angles = _normal_angles(pred, target)
     return _to_floats(_normal_compute(*_normal_sums_update(angles), median=_exact_median(angles)))
 
@@ -399,8 +470,29 @@ def normal_errors(pred: Tensor, target: Tensor) -> dict[str, float]:
 # Saliency: max F-beta
 # --------------------------------------------------------------------------- #
 def _saliency_thresholds() -> Tensor:
-    """0.05, 0.10, ..., 0.95 (float64)."""
+    """0.05, 0.10, ..., 0.95 (float64 k / 20; compared in the probability's precision).
+
+    The authors build them as ``torch.arange(0.05, 1, 0.05)`` in float32, whose rounding has
+    changed between torch releases: current torch gives 0.59999996 for the 12th value, one
+    float32 step below float32(0.6), which ``float32(k / 20)`` gives (as does the same arange
+    computed in double precision). The two differ only for a probability equal to 0.59999996.
+    """
     return _uniform_thresholds(SALIENCY_NUM_THRESHOLDS)
+
+
+def _saliency_masks(prob: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(prob, valid, salient)`` of a checked (N, H, W) pair; 255 in the target is "don't care"."""
+    prob, target = _check_map_pair(prob, target, "prob", "target")
+    valid = target != IGNORE_LABEL
+    return _as_floating(prob), valid, valid & (target > 0.5)
+
+
+def _saliency_counts(prob: Tensor, valid: Tensor, gt: Tensor) -> tuple[Tensor, Tensor]:
+    """``(true_pos (19,), pred_pos (19,))``: pixels with ``prob >= t`` per threshold 0.05..0.95."""
+    index = _threshold_index(prob, _saliency_thresholds())
+    return _positives_per_threshold(index[gt], SALIENCY_NUM_THRESHOLDS), _positives_per_threshold(
+        index[valid], SALIENCY_NUM_THRESHOLDS
+    )
 
 
 def _saliency_update(prob: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -412,15 +504,10 @@ def _saliency_update(prob: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tens
 
     Returns:
         ``(true_pos (19,), pred_pos (19,), gt_pos ())`` int64; a pixel is predicted salient at
-        threshold ``t`` when ``prob >= t``, as in ATRC ``MaxF`` / InvPT ``SaliencyMeter``.
+        threshold ``t`` when ``prob >= t``, as in ATRC ``MaxF``.
     """
-    prob, target = _check_map_pair(prob, target, "prob", "target")
-    valid = target != IGNORE_LABEL
-    gt = valid & (target > 0.5)
-    index = _threshold_index(_as_floating(prob), _saliency_thresholds())
-    true_pos = _positives_per_threshold(index[gt], SALIENCY_NUM_THRESHOLDS)
-    pred_pos = _positives_per_threshold(index[valid], SALIENCY_NUM_THRESHOLDS)
-    return true_pos, pred_pos, gt.sum()
+    prob, valid, gt = _saliency_masks(prob, target)
+    return (*_saliency_counts(prob, valid, gt), gt.sum())
 
 
 def _saliency_compute(true_pos: Tensor, pred_pos: Tensor, gt_pos: Tensor) -> dict[str, Tensor]:
@@ -437,17 +524,105 @@ def _saliency_compute(true_pos: Tensor, pred_pos: Tensor, gt_pos: Tensor) -> dic
     return {"maxF": torch.nan_to_num(f, nan=0.0).max() * 100.0}
 
 
-def max_f(prob: Tensor, target: Tensor) -> dict[str, float]:
-    """Saliency maxF (F_beta, beta^2 = 0.3) over thresholds 0.05..0.95, counts pooled over the split.
+def _saliency_sigmoid_prob_update(prob: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """``(true_pos (19,), pred_pos (19,))`` of the InvPT pipeline: thresholds on sigmoid(prob).
+
+    Their ``get_output`` hands ``255 * prob`` to ``SaliencyMeter``, which divides by 255 and then
+    applies ``torch.sigmoid`` (meant for logits) to that probability; the same float32 steps here.
+    """
+    prob, valid, gt = _saliency_masks(prob, target)
+    squashed = torch.sigmoid(prob.to(torch.float32) * 255.0 / 255.0)
+    return _saliency_counts(squashed, valid, gt)
+
+
+def quantise_saliency_uint8(prob: Tensor) -> Tensor:
+    """Saliency as MTI-Net saves it: ``255 * prob`` in float32, truncated to uint8 (numpy's
+    ``astype(np.uint8)`` before the PNG is written), same shape as ``prob``."""
+    if not isinstance(prob, Tensor):
+        raise ValueError("Expected `prob` to be a torch.Tensor")
+    return (_as_floating(prob.detach()).to(torch.float32) * 255).floor().clamp_(0, 255).to(torch.uint8)
+
+
+def _mtinet_passes(device: torch.device) -> Tensor:
+    """For each stored value q = 0..255: how many MTI-Net thresholds ``q / 255`` exceeds (int64 (256,)).
+
+    Their evaluator divides the uint8 image by 255 in float32 and compares it with the float64
+    thresholds as numpy < 1.24 (which their ``np.bool`` needs) does: in float32. So q = 51, 102,
+    153, 204 equal the thresholds 0.2, 0.4, 0.6, 0.8 and are not above them.
+    """
+    values = torch.arange(256, dtype=torch.float32) / 255.0
+    thresholds = torch.tensor(MTINET_SALIENCY_THRESHOLDS, dtype=torch.float64).to(torch.float32)
+    return (values[:, None] > thresholds[None, :]).sum(1).to(device)
+
+
+def _per_image_positives(passes: Tensor, mask: Tensor, num_thresholds: int) -> Tensor:
+    """(N, T) int64: per image, the pixels of ``mask`` that pass each threshold."""
+    n = passes.shape[0]
+    image = torch.arange(n, device=passes.device).view(n, 1, 1).expand_as(passes)
+    index = image[mask] * (num_thresholds + 1) + passes[mask]
+    hist = torch.bincount(index, minlength=n * (num_thresholds + 1)).view(n, num_thresholds + 1)
+    return hist.flip(1).cumsum(1).flip(1)[:, 1:]
+
+
+def _saliency_per_image_update(prob: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """MTI-Net's per-image saliency statistics of one batch, from the uint8-stored prediction.
+
+    Returns:
+        ``(iou_sum (15,), precision_sum (15,), recall_sum (15,), n_images ())``: float64 sums over
+        the batch's images of IoU, precision and recall at each threshold of
+        ``MTINET_SALIENCY_THRESHOLDS`` (salient where ``q / 255 > t``), and the int64 image count.
+        Per image, as MTI-Net ``jaccard.py``: IoU = TP / |pred ∪ gt| (1 when both are empty),
+        precision = TP / (TP + FP + 1e-12), recall = TP / (TP + FN + 1e-12). Target pixels 255
+        are left out of both masks; an image with no other pixel is not counted.
+    """
+    prob, valid, gt = _saliency_masks(prob, target)
+    num = len(MTINET_SALIENCY_THRESHOLDS)
+    passes = _mtinet_passes(prob.device)[quantise_saliency_uint8(prob).long()]
+    tp = _per_image_positives(passes, gt, num)
+    pred_pos = _per_image_positives(passes, valid, num)
+    gt_pos = gt.sum((1, 2))[:, None]
+    keep = valid.flatten(1).any(1)
+    tp, pred_pos, gt_pos = (x[keep].to(torch.float64) for x in (tp, pred_pos, gt_pos))
+    union = gt_pos + pred_pos - tp
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.ones_like(tp))
+    precision = tp / (pred_pos + 1e-12)
+    recall = tp / (gt_pos + 1e-12)
+    return iou.sum(0), precision.sum(0), recall.sum(0), keep.sum()
+
+
+def _saliency_per_image_compute(
+    iou_sum: Tensor, precision_sum: Tensor, recall_sum: Tensor, n_images: Tensor
+) -> dict[str, Tensor]:
+    """MTI-Net's saliency scores (percent): per threshold, mean IoU and the F1 of the mean
+    precision and mean recall (``2 P R / (P + R + 1e-12)``), each maximised over the thresholds
+    (possibly at different ones). NaN when no image was counted."""
+    n = n_images.to(torch.float64)
+    precision, recall = precision_sum / n, recall_sum / n
+    f1 = 2 * precision * recall / (precision + recall + 1e-12)
+    return {"maxF1_per_image": f1.max() * 100.0, "max_mIoU_per_image": (iou_sum / n).max() * 100.0}
+
+
+def max_f(prob: Tensor, target: Tensor, *, protocol: str = DEFAULT_PROTOCOL) -> dict[str, float]:
+    """Saliency scores of a whole split under an evaluation protocol (see ``SaliencyMetrics``).
 
     Args:
         prob: saliency probabilities, (N, H, W) or (N, 1, H, W).
         target: binary ground truth, same shape; 255 = ignored.
+        protocol: ``atrc``, ``invpt`` or ``mtinet``.
 
     Returns:
-        ``{"maxF"}`` in percent; predicted positive means ``prob >= t`` (ATRC / InvPT).
+        In percent: ``maxF`` (every protocol: F_beta, beta^2 = 0.3, thresholds 0.05..0.95 with
+        ``prob >= t``, counts pooled over the split), plus ``maxF_sigmoid_prob`` under ``invpt``
+        and ``maxF1_per_image``, ``max_mIoU_per_image`` under ``mtinet``.
     """
-    return _to_floats(_saliency_compute(*_saliency_update(prob, target)))
+    protocol = check_protocol(protocol, where="protocol")
+    true_pos, pred_pos, gt_pos = _saliency_update(prob, target)
+    out = _saliency_compute(true_pos, pred_pos, gt_pos)
+    if protocol == "invpt":
+        out["maxF_sigmoid_prob"] = _saliency_compute(*_saliency_sigmoid_prob_update(prob, target), gt_pos)["maxF"]
+    elif protocol == "mtinet":
+        out |= _saliency_per_image_compute(*_saliency_per_image_update(prob, target))
+    return _to_floats(out)
 
 
 # --------------------------------------------------------------------------- #

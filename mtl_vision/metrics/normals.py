@@ -1,4 +1,4 @@
-"""Surface-normal metric: angular errors over a split, median from a fine histogram."""
+"""Surface-normal metric: angular errors over a split, median from a fine histogram, per evaluation protocol."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from mtl_vision.metrics.functional import (
     _normal_histogram_update,
     _normal_num_bins,
     _normal_sums_update,
+    _protocol_normals,
 )
+from mtl_vision.metrics.protocols import DEFAULT_PROTOCOL, check_protocol
 
 __all__ = ["NormalMetrics"]
 
@@ -30,8 +32,20 @@ class NormalMetrics(Metric):
     interpolation inside the bin; its error is below ``bin_width_deg`` (the functional
     ``normal_errors`` computes it exactly).
 
+    ``protocol="mtinet"`` scores the prediction as MTI-Net stores it for its evaluator
+    (SimonVandenhende/Multi-Task-Learning-PyTorch ``utils/utils.py: get_output``,
+    ``evaluation/evaluate_utils.py: save_model_predictions``, ``evaluation/eval_normals.py``): a
+    uint8 image ``floor((n + 1) * 255 / 2)`` of the unit prediction, read back as ``2 q / 255 - 1``
+    (``functional.quantise_normals_uint8``).
+    MTI-Net takes ``arccos`` of the float32 dot product; the angle here is the float64
+    ``2 atan2`` form, which differs from it by float32 rounding only (up to about 0.02 degrees
+    per pixel near 0 degrees, far less in the means). ``atrc`` and ``invpt`` score the
+    prediction as given, as ATRC's ``MeanErrorInAngle`` and InvPT's ``NormalsMeter`` do (InvPT
+    scales by 255 and back in float, without rounding to integers); both report ``mean`` only.
+
     Args:
         bin_width_deg: histogram resolution in degrees, in (0, 180].
+        protocol: ``atrc`` (default), ``invpt`` or ``mtinet``.
 
     ``update(pred, target)``: normal vectors (N, 3, H, W); pred need not be unit length, target
     pixels with a zero vector are invalid. ``compute()`` returns ``{"mean", "median", "rmse",
@@ -49,8 +63,9 @@ class NormalMetrics(Metric):
     n_valid: Tensor
     within: Tensor
 
-    def __init__(self, bin_width_deg: float = 0.01, **kwargs) -> None:
+    def __init__(self, bin_width_deg: float = 0.01, protocol: str = DEFAULT_PROTOCOL, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.protocol = check_protocol(protocol, where="protocol")
         num_bins = _normal_num_bins(bin_width_deg)
         self.bin_width_deg = float(bin_width_deg)
         self.add_state("hist", default=torch.zeros(num_bins, dtype=torch.int64), dist_reduce_fx="sum")
@@ -63,7 +78,7 @@ class NormalMetrics(Metric):
 
     def update(self, pred: Tensor, target: Tensor) -> None:
         """Add one batch of predicted and ground-truth normals, (N, 3, H, W)."""
-        angles = _normal_angles(pred, target)
+        angles = _normal_angles(_protocol_normals(pred, self.protocol), target)
         sum_angle, sum_sq_angle, n_valid, within = _normal_sums_update(angles)
         self.sum_angle += sum_angle
         self.sum_sq_angle += sum_sq_angle

@@ -14,10 +14,44 @@ from typing import Any
 
 import timm
 import torch
+from timm.models._features import FeatureGetterNet
 from torch import Tensor, nn
 
 from mtl_vision.models.moe_backbone import apply_moe_layers
 from mtl_vision.models.task_context import TaskConditioned, task_scope
+
+
+IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+
+
+# constructor arguments that shape the position embeddings or the class token, not the weights
+_GRID_KWARGS = ("img_size", "dynamic_img_size", "class_token", "global_pool", "no_embed_class")
+
+
+def _load_pretrained(model: nn.Module, name: str, kwargs: dict[str, Any], overlay: Any, *, antialias: bool) -> None:
+    """Load timm's pretrained weights of `name` (or a local file through `overlay`) into `model`:
+    position embeddings resampled bicubically from the weights' grid to the model's, the class
+    token and its position dropped when the model has none."""
+    import torch.nn.functional as F
+
+    donor_kwargs = {k: v for k, v in kwargs.items() if k not in _GRID_KWARGS}
+    if overlay is not None:
+        donor_kwargs["pretrained_cfg_overlay"] = overlay
+    donor = timm.create_model(name, pretrained=True, num_classes=0, **donor_kwargs)
+    state = donor.state_dict()
+    prefix = donor.num_prefix_tokens if not getattr(donor, "no_embed_class", False) else 0
+    grid = state["pos_embed"][:, prefix:]
+    old = donor.patch_embed.grid_size
+    new = tuple(model.patch_embed.grid_size)
+    grid = grid.reshape(1, *old, -1).permute(0, 3, 1, 2).float()
+    if tuple(old) != new:
+        grid = F.interpolate(grid, size=new, mode="bicubic", align_corners=False, antialias=antialias)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], -1)
+    keep = getattr(model, "num_prefix_tokens", 0) if not getattr(model, "no_embed_class", False) else 0
+    state["pos_embed"] = torch.cat([state["pos_embed"][:, :keep], grid], dim=1).to(state["pos_embed"].dtype)
+    if getattr(model, "cls_token", None) is None:
+        state.pop("cls_token", None)
+    model.load_state_dict(state, strict=True)
 
 
 class Backbone(nn.Module):
@@ -39,6 +73,16 @@ class Backbone(nn.Module):
             MLP); None/empty = none. Needs `tasks`; makes the backbone task-conditioned.
         moe: options of those MoE layers: num_experts, top_k, capacity_factor, mi_loss_weight
             (and hidden_ratio, router_noise).
+        final_norm: pass the last returned level through the transformer's final norm (as InvPT,
+            TaskPrompter and MLoRE read a ViT: raw block outputs, the last one normalised). The
+            last returned level must then be the last block.
+        mean, std: input normalisation, when the weights were trained with another one than
+            timm's pretrained config says (InvPT's ViT-L uses ImageNet statistics, timm 0.5).
+        pos_embed_resample: with `final_norm`, how pretrained position embeddings reach the
+            configured grid: "antialias" (timm's bicubic with antialiasing) or "bicubic" (plain
+            bicubic, as the timm 0.5 of InvPT, TaskPrompter and MLoRE). Pretrained weights also
+            load into a ViT without a class token (`model_kwargs.class_token: false`, MLoRE),
+            dropping the token and its position.
 
     `forward(image (N,3,H,W)) -> list[Tensor]`, map i of shape (N, channels[i], H/strides[i], W/strides[i]).
     `mean`/`std` are the normalisation the weights expect (from timm's pretrained config).
@@ -56,6 +100,10 @@ class Backbone(nn.Module):
         tasks: Sequence[str] | None = None,
         moe_layers: Sequence[int] | None = None,
         moe: Mapping[str, Any] | None = None,
+        final_norm: bool = False,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        pos_embed_resample: str = "antialias",
     ) -> None:
         super().__init__()
         self.tasks = list(tasks) if tasks is not None else None
@@ -71,8 +119,13 @@ class Backbone(nn.Module):
         if not timm.is_model(timm.models.split_model_name_tag(name)[0]):
             raise ValueError(f"backbone.name: {name!r} is not a timm model (see timm.list_models())")
         self.name = name
+        self.final_norm = final_norm
         try:
-            self.model = timm.create_model(name, pretrained=pretrained, features_only=True, **kwargs)
+            if pos_embed_resample not in ("antialias", "bicubic"):
+                raise ValueError(f"backbone.pos_embed_resample={pos_embed_resample!r}: expected antialias or bicubic")
+            self.model = self._create(name, pretrained, kwargs, pos_embed_resample) if final_norm else timm.create_model(
+                name, pretrained=pretrained, features_only=True, **kwargs
+            )
         except IndexError as err:
             # timm indexes its feature levels with out_indices and fails without saying so.
             raise ValueError(
@@ -84,8 +137,11 @@ class Backbone(nn.Module):
         self._module_names: list[str] = list(info.module_name())
         self._nhwc = str(getattr(self.model, "output_fmt", "NCHW")).endswith("NHWC")
         cfg = getattr(self.model, "pretrained_cfg", None) or {}
-        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1), persistent=False)
+        for key, given in (("mean", mean), ("std", std)):
+            value = tuple(given) if given is not None else cfg.get(key, IMAGENET[key])
+            if len(value) != 3 or (key == "std" and min(value) <= 0):
+                raise ValueError(f"backbone.{key}={list(value)}: expected 3 numbers (RGB){', all > 0' * (key == 'std')}")
+            self.register_buffer(key, torch.tensor(value, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.freeze(freeze_stages)
         if moe_layers:
             if self.tasks is None:
@@ -93,6 +149,26 @@ class Backbone(nn.Module):
                     f"backbone.moe_layers={list(moe_layers)} needs the trained `tasks` (one router per task)"
                 )
             apply_moe_layers(self, list(moe_layers), self.tasks, **dict(moe or {}))
+
+    @staticmethod
+    def _create(name: str, pretrained: bool, kwargs: dict[str, Any], resample: str) -> nn.Module:
+        """A transformer whose final norm survives: timm's `features_only` prunes it when the
+        features are returned without normalisation, so the feature wrapper is built here."""
+        out_indices = kwargs.pop("out_indices", None)
+        overlay = kwargs.pop("pretrained_cfg_overlay", None)
+        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        if not hasattr(model, "forward_intermediates") or not isinstance(getattr(model, "norm", None), nn.Module):
+            raise ValueError(f"backbone.final_norm=true needs a transformer with a final norm; {name} has none")
+        if pretrained:
+            _load_pretrained(model, name, kwargs, overlay, antialias=resample == "antialias")
+        depth = len(model.blocks)
+        indices = tuple(out_indices) if out_indices is not None else tuple(range(depth - 4, depth))
+        if indices[-1] % depth != depth - 1:
+            raise ValueError(
+                f"backbone.final_norm=true normalises the last returned level, which must be the last block "
+                f"({depth - 1}); backbone.out_indices={list(indices)}"
+            )
+        return FeatureGetterNet(model, out_indices=indices, prune=False)
 
     def freeze(self, stages: int) -> None:
         """Stop gradients for the parameters that come before the end of feature level `stages`."""
@@ -142,4 +218,7 @@ class Backbone(nn.Module):
         features = self.model(image)
         if self._nhwc:
             features = [f.permute(0, 3, 1, 2) for f in features]
+        if self.final_norm:
+            last = self.model.model.norm(features[-1].permute(0, 2, 3, 1))
+            features = [*features[:-1], last.permute(0, 3, 1, 2)]
         return [f.contiguous() for f in features]

@@ -1,266 +1,255 @@
-"""InvPT: an inverted-pyramid transformer decoder in which all tasks attend to each other.
+"""InvPT: the inverted-pyramid multi-task transformer decoder, as its authors' code computes it.
 
-After Ye & Xu, "Inverted Pyramid Multi-task Transformer for Dense Scene Understanding" (ECCV 2022).
+Ye & Xu, "Inverted Pyramid Multi-task Transformer for Dense Scene Understanding" (ECCV 2022);
+code prismformore/Multi-Task-Transformer (InvPT/models/transformers/{transformer_decoder,invpt}.py,
+commit 870c6be), against which tests/test_reference_models.py checks this module to 1e-5.
 
-1. Preliminary decoder: from one coarse backbone level (stride `stage_strides[0]`), each task gets
-   its own two conv blocks and a 1x1 preliminary prediction (deep supervision, aux set
-   "preliminary"). Feature and prediction are mixed by a 1x1 conv into the task's tokens.
-2. Inverted pyramid: the tokens of *all* tasks at *all* positions form one sequence, refined by
-   transformer blocks whose self-attention mixes tasks and positions. Each stage runs at a finer
-   stride than the last (default 32 -> 16 -> 8) with half the width; between stages every task's
-   map is upsampled and refined by convs (the "UP-Transformer" block), and a backbone level of
-   matching scale is added (encoder feature aggregation).
-3. Efficient attention: `F.scaled_dot_product_attention`, with queries taken from a strided
-   depthwise conv (per task, as the paper) and keys/values average-pooled per task map by
-   `kv_strides` (2, 4, 8 in the paper: the key grid stays at stride 64 whatever the stage).
-4. Multi-scale aggregation: every stage's task maps are projected to the first stage's width,
-   upsampled to `output_stride` (4), summed, and fed to per-task heads.
+1. Preliminary decoder: the last backbone level (the ViT's normalised output) is resized to half
+   the grid of a stride-16 map (stride 32); per task two conv-BN-ReLU blocks give the task feature
+   (`channels`) and a 1x1 conv the preliminary prediction (aux set "preliminary"). Feature and
+   prediction, concatenated, are mixed by a 1x1 conv into `channels + extra_channels` wide tokens.
+2. Three transformer stages, each on a grid twice as fine with half the width. Stages after the
+   first upsample every task's map (x2 bilinear, two dilated 3x3 conv-BN-ReLU) and add a
+   projected backbone level (a 3x3 conv of the third-last level, a stride-2 transposed conv of
+   the fourth-last: blocks 12 and 6 of ViT-L). Attention runs over the tokens of all tasks and
+   positions together: queries from a per-task strided depthwise conv + BN, keys and values from
+   per-task average pooling (2, 4, 8: the key grid is the first stage's query grid at every
+   stage). Scores are scaled by the stage width (not the head width) and, from the second stage
+   on, fused by a 1x1 conv with the previous stage's scores upsampled x2 over the query grid
+   (cross-scale attention message passing). The attention output is upsampled back to the grid.
+3. After each stage one LayerNorm normalises all tasks' channels of a position jointly; every
+   stage's task maps are projected (1x1, stages after the first) to the first stage's width,
+   upsampled to the final grid (stride 4) and summed; a 3x3 conv-BN-ReLU and a 1x1 head per task.
 
-Differences from the reference code: the cross-scale attention message passing (adding the
-previous stage's attention scores to the current ones) is left out, since it needs materialised
-attention maps, which fused attention kernels never build; the LayerNorm after each stage normalises
-each task's token on its own instead of all tasks' channels jointly; plain 3x3 convs replace the
-dilated ones of the upsampling blocks.
+The authors' code also builds three modules its forward never uses (the projection of the
+second-last backbone level, the first stage's score fusion and width reduction, a final
+LayerNorm); they are not built here and `mtl_vision.importing.invpt` drops their weights.
+Beyond the paper's ViT, other backbones work: the input level is resized to stride 32, and a
+skip level whose grid differs from its stage's is resized bilinearly after projection (where the
+authors' code would fail on the addition).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
+from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
-
-from mtl_vision.layers import ConvBNReLU
-from mtl_vision.models.decoders.common import resize_to, task_head
 
 __all__ = ["InvPTDecoder"]
 
 
-def _grouped_conv_bn_relu(in_per_group: int, out_per_group: int, groups: int, kernel_size: int = 3) -> nn.Sequential:
-    """`groups` independent conv-BN-ReLU blocks (one per task) as one grouped convolution on the
-    tasks' maps stacked along channels."""
-    return nn.Sequential(
-        nn.Conv2d(
-            in_per_group * groups,
-            out_per_group * groups,
-            kernel_size,
-            padding=kernel_size // 2,
-            groups=groups,
-            bias=False,
-        ),
-        nn.BatchNorm2d(out_per_group * groups),
+def _conv_bn_relu(cin: int, cout: int, *, dilation: int = 1) -> list[nn.Module]:
+    return [
+        nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
         nn.ReLU(inplace=True),
-    )
+    ]
 
 
-def _nearest_level(strides: Sequence[int], target: int, rank: int = 0) -> int:
-    """Backbone level whose stride is nearest `target` (log scale). Among equally near levels (all
-    the levels of a ViT), `rank` 0 takes the deepest, 1 the one before it, and so on."""
-    best = min(abs(math.log2(s / target)) for s in strides)
-    ties = [i for i, s in enumerate(strides) if abs(math.log2(s / target)) == best]
-    return ties[max(0, len(ties) - 1 - rank)]
+class ConvBlock(nn.Module):
+    """3x3 conv (no bias), BN, ReLU; named as in the authors' preliminary decoder."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.bn1(self.conv(x)))
 
 
-def _to_maps(x: Tensor) -> Tensor:
-    """(N, T, h, w, C) tokens -> (N, T*C, h, w) task maps stacked along channels."""
-    n, t, h, w, c = x.shape
-    return x.permute(0, 1, 4, 2, 3).reshape(n, t * c, h, w)
+class UpEmbed(nn.Module):
+    """x2 bilinear upsampling, then two dilated (2) 3x3 conv-BN-ReLU blocks: (N,cin,h,w) -> (N,cout,2h,2w)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            *_conv_bn_relu(cin, cout, dilation=2),
+            *_conv_bn_relu(cout, cout, dilation=2),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
 
 
-def _to_tokens(x: Tensor, tasks: int) -> Tensor:
-    """(N, T*C, h, w) -> (N, T, h, w, C)."""
-    n, tc, h, w = x.shape
-    return x.view(n, tasks, tc // tasks, h, w).permute(0, 1, 3, 4, 2)
+class QueryProjection(nn.Module):
+    """Per-task depthwise 3x3 conv with stride `stride` and BN: (N,C,h,w) -> (N, ceil(h/s)*ceil(w/s), C)."""
+
+    def __init__(self, dim: int, stride: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 3, stride=stride, padding=1, groups=dim, bias=False)
+        self.bn = nn.BatchNorm2d(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(self.conv(x)).flatten(2).transpose(1, 2)
 
 
 class TaskAttention(nn.Module):
-    """Multi-head self-attention over the tokens of all tasks and positions.
+    """Attention over all tasks' tokens with cross-scale score passing.
 
-    Queries come from a per-task depthwise conv with stride `q_stride` (then BN, as the paper's
-    convolutional projection), keys and values from each task map average-pooled to
-    ceil(h / kv_stride) x ceil(w / kv_stride); the attention output is upsampled back to (h, w).
-    The sequence concatenates the tasks, so every query sees every task's keys.
-
-    `forward(x (N, T, h, w, C)) -> (N, T, h, w, C)`.
+    `forward(maps: T x (N,C,h,w), previous: scores of the previous stage or None)` returns the
+    attention output per task at the query grid (N, hq*wq, C) and this stage's scores
+    (N, heads, T*hq*wq, T*hk*wk), which the next stage fuses with its own.
     """
 
     def __init__(
-        self, num_tasks: int, dim: int, num_heads: int, q_stride: int = 2, kv_stride: int = 1, qkv_bias: bool = True
+        self, num_tasks: int, dim: int, num_heads: int, *, q_stride: int, kv_stride: int, qkv_bias: bool, fuse: bool
     ) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"invpt: {num_heads} attention heads do not divide the stage width {dim}")
-        if q_stride < 1 or kv_stride < 1:
-            raise ValueError(f"invpt: strides must be >= 1, got q_stride={q_stride}, kv_stride={kv_stride}")
-        self.num_tasks, self.num_heads = num_tasks, num_heads
-        self.q_stride, self.kv_stride = q_stride, kv_stride
-        # kernel 2s-1 (3 for s <= 2) with padding s-1 gives ceil(h / s) rows, as the key pooling
-        kernel = max(3, 2 * q_stride - 1)
-        self.q_conv = nn.Sequential(
-            nn.Conv2d(
-                dim * num_tasks,
-                dim * num_tasks,
-                kernel,
-                stride=q_stride,
-                padding=kernel // 2,
-                groups=dim * num_tasks,
-                bias=False,
-            ),
-            nn.BatchNorm2d(dim * num_tasks),
-        )
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.k = nn.Linear(dim, dim, bias=qkv_bias)
-        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.num_heads, self.q_stride, self.kv_stride = num_heads, q_stride, kv_stride
+        self.scale = dim**-0.5  # the authors scale by the full width
+        self.conv_proj_q = nn.ModuleList(QueryProjection(dim, q_stride) for _ in range(num_tasks))
+        self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.fuse_attn = nn.Conv2d(2 * num_heads, num_heads, 1) if fuse else None
 
-    def key_grid(self, size: Sequence[int]) -> tuple[int, int]:
-        """Spatial size of each task's keys for a stage of `size`."""
-        return math.ceil(size[0] / self.kv_stride), math.ceil(size[1] / self.kv_stride)
+    def _heads(self, x: Tensor) -> Tensor:
+        n, length, c = x.shape
+        return x.view(n, length, self.num_heads, c // self.num_heads).transpose(1, 2)
 
-    def _heads(self, tokens: Tensor) -> Tensor:
-        n, length, c = tokens.shape
-        return tokens.view(n, length, self.num_heads, c // self.num_heads).transpose(1, 2)
+    def _pool(self, x: Tensor) -> Tensor:
+        s = self.kv_stride
+        return F.avg_pool2d(x, s, s, ceil_mode=True).flatten(2).transpose(1, 2)
+
+    def query_grid(self, h: int, w: int) -> tuple[int, int]:
+        return -(-h // self.q_stride), -(-w // self.q_stride)
+
+    def forward(self, maps: list[Tensor], previous: Tensor | None) -> tuple[list[Tensor], Tensor]:
+        q = torch.cat([proj(x) for proj, x in zip(self.conv_proj_q, maps)], dim=1)
+        pooled = torch.cat([self._pool(x) for x in maps], dim=1)
+        q, k, v = self._heads(self.proj_q(q)), self._heads(self.proj_k(pooled)), self._heads(self.proj_v(pooled))
+        scores = (q @ k.transpose(-2, -1)) * self.scale
+        qh, qw = self.query_grid(*maps[0].shape[-2:])
+        if previous is not None:
+            if self.fuse_attn is None:
+                raise RuntimeError("invpt: the first stage received attention scores")
+            scores = self.fuse_attn(torch.cat([scores, self._upsample_scores(previous, len(maps), qh, qw)], dim=1))
+        out = (scores.softmax(dim=-1) @ v).transpose(1, 2).flatten(2)
+        out = self.proj(out)
+        return list(out.split(qh * qw, dim=1)), scores
+
+    @staticmethod
+    def _upsample_scores(scores: Tensor, tasks: int, qh: int, qw: int) -> Tensor:
+        """The previous stage's scores, over its query grid (half this one's, x2 as the authors
+        upsample), resized bilinearly to this stage's query grid (qh, qw)."""
+        n, heads, length, keys = scores.shape
+        sh, sw = -(-qh // 2), -(-qw // 2)
+        if length != tasks * sh * sw:
+            raise RuntimeError(f"invpt: previous scores cover {length} queries, expected {tasks}x{sh}x{sw}")
+        grid = scores.view(n * heads, tasks, sh, sw, keys).permute(0, 1, 4, 2, 3).reshape(n * heads * tasks, keys, sh, sw)
+        grid = F.interpolate(grid, size=(qh, qw), mode="bilinear", align_corners=False)
+        grid = grid.view(n, heads, tasks, keys, qh * qw).permute(0, 1, 2, 4, 3)
+        return grid.reshape(n, heads, tasks * qh * qw, keys)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        n, t, h, w, c = x.shape
-        maps = _to_maps(x)
-        queries = _to_tokens(self.q_conv(maps), t)
-        hq, wq = queries.shape[2:4]
-        keys = _to_tokens(F.adaptive_avg_pool2d(maps, self.key_grid((h, w))), t) if self.kv_stride > 1 else x
-        queries, keys = queries.reshape(n, -1, c), keys.reshape(n, -1, c)
-        out = F.scaled_dot_product_attention(
-            self._heads(self.q(queries)), self._heads(self.k(keys)), self._heads(self.v(keys))
-        )
-        out = self.proj(out.transpose(1, 2).reshape(n, -1, c)).view(n, t, hq, wq, c)
-        if (hq, wq) != (h, w):
-            out = _to_tokens(resize_to(_to_maps(out), (h, w)), t)
-        return out
+        return self.fc2(self.act(self.fc1(x)))
 
 
-class TaskTransformerBlock(nn.Module):
-    """Pre-norm transformer block on (N, T, h, w, C) tokens: task-and-position attention, MLP."""
+class InvPTBlock(nn.Module):
+    """Pre-norm transformer block over the tokens of all tasks (per-token LayerNorm)."""
 
-    def __init__(
-        self,
-        num_tasks: int,
-        dim: int,
-        num_heads: int,
-        *,
-        q_stride: int,
-        kv_stride: int,
-        mlp_ratio: float = 4.0,
-        drop_path: float = 0.0,
-    ) -> None:
+    def __init__(self, num_tasks: int, dim: int, num_heads: int, *, mlp_ratio: float, drop_path: float, **attn) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = TaskAttention(num_tasks, dim, num_heads, q_stride=q_stride, kv_stride=kv_stride)
+        self.attn = TaskAttention(num_tasks, dim, num_heads, **attn)
         self.norm2 = nn.LayerNorm(dim)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+    def forward(self, maps: list[Tensor], previous: Tensor | None) -> tuple[list[Tensor], Tensor]:
+        n, c, h, w = maps[0].shape
+        tokens = [x.flatten(2).transpose(1, 2) for x in maps]
+        x = torch.cat(tokens, dim=1)
+        normed = self.norm1(x).split(h * w, dim=1)
+        attended, scores = self.attn([t.transpose(1, 2).reshape(n, c, h, w) for t in normed], previous)
+        qh, qw = self.attn.query_grid(h, w)
+        attended = [
+            F.interpolate(a.transpose(1, 2).reshape(n, c, qh, qw), size=(h, w), mode="bilinear", align_corners=False)
+            .flatten(2)
+            .transpose(1, 2)
+            for a in attended
+        ]
+        x = x + self.drop_path(torch.cat(attended, dim=1))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return [t.transpose(1, 2).reshape(n, c, h, w) for t in x.split(h * w, dim=1)], scores
 
 
 class InvPTStage(nn.Module):
-    """One level of the inverted pyramid.
+    """One stage: (stages after the first) per-task upsampling plus a backbone skip, then a block."""
 
-    Stages after the first upsample each task's map to their size and refine it with two conv
-    blocks (per task) that also change the width (`up`), then add the projected backbone level of
-    this scale (`skip`, optional). Then `depth` transformer blocks over all tasks' tokens.
-
-    `forward(x (N, T, h', w', C_in), size, skip=None) -> (N, T, size[0], size[1], C)`.
-    """
-
-    def __init__(
-        self,
-        num_tasks: int,
-        in_dim: int,
-        dim: int,
-        *,
-        upsample: bool,
-        skip_channels: int | None,
-        depth: int,
-        num_heads: int,
-        q_stride: int,
-        kv_stride: int,
-        mlp_ratio: float,
-        drop_path: float,
-    ) -> None:
+    def __init__(self, num_tasks: int, in_dim: int, dim: int, num_heads: int, *, upsample: bool, **block) -> None:
         super().__init__()
-        self.num_tasks = num_tasks
-        self.up = (
-            nn.Sequential(
-                _grouped_conv_bn_relu(in_dim, dim, num_tasks),
-                _grouped_conv_bn_relu(dim, dim, num_tasks),
-            )
-            if upsample
-            else None
-        )
-        if not upsample and in_dim != dim:
-            raise ValueError("invpt: the first stage keeps the width of its input tokens")
-        self.skip = nn.Conv2d(skip_channels, dim, 3, padding=1) if skip_channels else None
-        self.blocks = nn.ModuleList(
-            TaskTransformerBlock(
-                num_tasks,
-                dim,
-                num_heads,
-                q_stride=q_stride,
-                kv_stride=kv_stride,
-                mlp_ratio=mlp_ratio,
-                drop_path=drop_path,
-            )
-            for _ in range(depth)
-        )
+        self.patch_embed = nn.ModuleList(UpEmbed(in_dim, dim) for _ in range(num_tasks)) if upsample else None
+        self.blocks = nn.ModuleList([InvPTBlock(num_tasks, dim, num_heads, fuse=upsample, **block)])
 
-    def forward(self, x: Tensor, size: Sequence[int], skip: Tensor | None = None) -> Tensor:
-        if self.up is not None:
-            maps = self.up(resize_to(_to_maps(x), size))
-            if self.skip is not None:
-                assert skip is not None
-                # the same encoder map joins every task, as in the paper
-                maps = maps + resize_to(self.skip(skip), size).repeat(1, self.num_tasks, 1, 1)
-            x = _to_tokens(maps, self.num_tasks)
+    def forward(self, maps: list[Tensor], previous: Tensor | None, skip: Tensor | None) -> tuple[list[Tensor], Tensor]:
+        if self.patch_embed is not None:
+            maps = [embed(x) for embed, x in zip(self.patch_embed, maps)]
+            if skip is not None:
+                skip = _resize(skip, maps[0].shape[-2:])
+                maps = [x + skip for x in maps]
+        scores = previous
         for block in self.blocks:
-            x = block(x)
+            maps, scores = block(maps, scores)
+        return maps, scores
+
+
+def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
         return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def _nearest_level(strides: Sequence[int], stride: int, from_end: int) -> int:
+    """The level whose stride is nearest `stride` (log scale); among equally near levels (all
+    those of a ViT) the `from_end`-th last, or the first if there are fewer."""
+    best = min(abs(math.log2(s / stride)) for s in strides)
+    ties = [i for i, s in enumerate(strides) if abs(math.log2(s / stride)) == best]
+    return ties[-from_end] if len(ties) >= from_end else ties[0]
+
+
+def _skip_projection(cin: int, cout: int, ratio: float) -> nn.Module:
+    """A backbone level at `ratio` times the stage's stride brought to the stage's width (and grid)."""
+    if ratio == 2:
+        return nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1)
+    return nn.Conv2d(cin, cout, 3, padding=1)
 
 
 class InvPTDecoder(nn.Module):
-    """InvPT decoder (see the module docstring).
+    """Args:
+        in_channels, strides: of the backbone levels (bound at run time); at least 3 levels.
+        task_channels: {task: output channels} (bound at run time); the order of the tasks is
+            the order of their tokens and of the joint LayerNorm's channels.
+        channels: width of the preliminary task features (512 in the paper).
+        extra_channels: added to `channels` for the first stage's tokens (64: 576 wide).
+        num_heads, kv_strides: per stage; q_stride: the query conv's stride.
+        mlp_ratio, qkv_bias: of the transformer blocks.
+        drop_path: stochastic depth of the blocks; the authors configure 0.15, but their rule
+            (linspace over each stage's depth of 1) gives 0, which is what they train with.
+        input_stride: stride of the first stage's grid (32: half the ViT's grid).
+        skip_levels: backbone levels added in the second and third stage (default: the
+            third-last and fourth-last level, blocks 12 and 6 of a 24-block ViT).
 
-    Args:
-        in_channels, strides: of the backbone levels.
-        task_channels: output channels per task.
-        channels: token width of the first stage, and of the preliminary decoder, the multi-scale
-            aggregation and the heads; stage i has width channels / 2**i (InvPT: 512 + 64 = 576).
-        stage_strides: stride of each stage, coarse to fine (InvPT: 32, 16, 8).
-        num_heads: attention heads per stage; each must divide its stage's width.
-        depths: transformer blocks per stage.
-        q_strides: stride of the query projection per stage (attention at 1/q of the stage's
-            resolution, upsampled back).
-        kv_strides: average-pooling factor of keys/values per stage.
-        mlp_ratio: MLP hidden width / token width.
-        drop_path: stochastic depth rate of every block.
-        output_stride: stride at which the stages are aggregated and the heads predict.
-        fuse_backbone: add a backbone level of matching scale to every stage after the first.
-        input_level: backbone level feeding the preliminary decoder (default: nearest to
-            stage_strides[0], the deepest of equals).
-        fuse_levels: backbone level added to each stage, one entry per stage, None for the default
-            (nearest stride; on a ViT, where all levels are equally near, earlier blocks for finer
-            stages); entry 0 is unused, the first stage starts from `input_level`.
-
-    `forward(features)` returns {task: (N, C_t, H/output_stride, W/output_stride)} and
-    `"aux": {"preliminary": {task: (N, C_t, H/stage_strides[0], W/stage_strides[0])}}`.
+    `forward(features) -> {task: (N, C_t, H/4, W/4), "aux": {"preliminary": {task: (N, C_t, H/32, W/32)}}}`.
     """
 
-    aux_names: tuple[str, ...] = ("preliminary",)
+    aux_names = ("preliminary",)
 
     def __init__(
         self,
@@ -268,134 +257,109 @@ class InvPTDecoder(nn.Module):
         in_channels: Sequence[int],
         strides: Sequence[int],
         task_channels: Mapping[str, int],
-        channels: int = 576,
-        stage_strides: Sequence[int] = (32, 16, 8),
+        channels: int = 512,
+        extra_channels: int = 64,
         num_heads: Sequence[int] = (2, 2, 2),
-        depths: Sequence[int] = (1, 1, 1),
-        q_strides: Sequence[int] = (2, 2, 2),
         kv_strides: Sequence[int] = (2, 4, 8),
+        q_stride: int = 2,
         mlp_ratio: float = 4.0,
-        drop_path: float = 0.15,
-        output_stride: int = 4,
-        fuse_backbone: bool = True,
-        input_level: int | None = None,
-        fuse_levels: Sequence[int | None] | None = None,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+        input_stride: int = 32,
+        skip_levels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        if len(in_channels) != len(strides):
-            raise ValueError(f"in_channels {list(in_channels)} and strides {list(strides)} differ in length")
-        if not task_channels:
-            raise ValueError("invpt: no tasks")
-        n_stages = len(stage_strides)
-        per_stage = {"num_heads": num_heads, "depths": depths, "q_strides": q_strides, "kv_strides": kv_strides}
-        for name, values in per_stage.items():
-            if len(values) != n_stages:
-                raise ValueError(f"invpt: {name} has {len(values)} entries for {n_stages} stage_strides")
-        if n_stages < 1 or any(b >= a for a, b in itertools.pairwise(stage_strides)):
-            raise ValueError(f"invpt: stage_strides must decrease (an inverted pyramid), got {list(stage_strides)}")
-        if channels % 2 ** (n_stages - 1):
-            raise ValueError(
-                f"invpt: channels={channels} must be divisible by 2**{n_stages - 1}: each stage halves the width"
-            )
-        self.dims = [channels // 2**i for i in range(n_stages)]
-        for i, (dim, heads) in enumerate(zip(self.dims, num_heads)):
-            if heads < 1 or dim % heads:
-                raise ValueError(
-                    f"invpt: num_heads[{i}]={heads} does not divide the width {dim} of stage {i} "
-                    f"(channels={channels} halved per stage); choose channels or num_heads to fit"
-                )
+        if len(in_channels) < 3 or len(strides) != len(in_channels):
+            raise ValueError(f"invpt needs at least 3 backbone levels, got in_channels={list(in_channels)}")
+        if len(num_heads) != 3 or len(kv_strides) != 3:
+            raise ValueError(f"invpt has 3 stages: num_heads={list(num_heads)}, kv_strides={list(kv_strides)}")
+        width = channels + extra_channels
+        dims = [width, width // 2, width // 4]
+        if width % 4 or any(d % h for d, h in zip(dims, num_heads)):
+            raise ValueError(f"invpt: stage widths {dims} (channels + extra_channels halved twice) must be divisible "
+                             f"by num_heads={list(num_heads)}")
         self.tasks = list(task_channels)
-        num_tasks = len(self.tasks)
-        self.stage_strides = [int(s) for s in stage_strides]
-        self.output_stride = int(output_stride)
-        self._finest = min(range(len(strides)), key=lambda i: strides[i])
-        self._finest_stride = strides[self._finest]
-
-        # 1. preliminary decoder on one coarse level
-        self.input_level = (
-            _nearest_level(strides, self.stage_strides[0]) if input_level is None else input_level % len(strides)
+        self.dims, self.input_stride = dims, input_stride
+        self.strides = list(strides)
+        stage_strides = [input_stride // 2**i for i in range(3)]
+        if skip_levels is None:
+            skip_levels = [_nearest_level(strides, stage_strides[k], k + 2) for k in (1, 2)]
+        if len(skip_levels) != 2 or not all(-len(strides) <= i < len(strides) for i in skip_levels):
+            raise ValueError(f"invpt.skip_levels={skip_levels}: two indices of the {len(strides)} backbone levels")
+        self.skip_levels = [i % len(strides) for i in skip_levels]
+        top = in_channels[-1]
+        self.preliminary_decoder = nn.ModuleDict(
+            {t: nn.Sequential(ConvBlock(top, top), ConvBlock(top, channels)) for t in self.tasks}
         )
-        c_in = in_channels[self.input_level]
-        self.preliminary = nn.ModuleDict(
-            {t: nn.Sequential(ConvBNReLU(c_in, channels), ConvBNReLU(channels, channels)) for t in self.tasks}
+        self.intermediate_head = nn.ModuleDict({t: nn.Conv2d(channels, c, 1) for t, c in task_channels.items()})
+        self.mix_proj = nn.ModuleDict(
+            {t: nn.Sequential(nn.Conv2d(channels + c, width, 1)) for t, c in task_channels.items()}
         )
-        self.preliminary_heads = nn.ModuleDict({t: nn.Conv2d(channels, c, 1) for t, c in task_channels.items()})
-        self.mix = nn.ModuleDict({t: nn.Conv2d(channels + c, channels, 1) for t, c in task_channels.items()})
-
-        # 2. the stages, with the backbone levels they take in
-        if fuse_levels is not None and len(fuse_levels) != n_stages:
-            raise ValueError(f"invpt: fuse_levels has {len(fuse_levels)} entries for {n_stages} stages")
-        self.fuse_levels: list[int | None] = [None]
-        for i in range(1, n_stages):
-            level = fuse_levels[i] if fuse_levels is not None else None
-            if not fuse_backbone:
-                level = None
-            elif level is None:
-                level = _nearest_level(strides, self.stage_strides[i], rank=i)
-            else:
-                level = level % len(strides)
-            self.fuse_levels.append(level)
-        self.stages = nn.ModuleList(
-            InvPTStage(
-                num_tasks,
-                self.dims[max(i - 1, 0)],
-                self.dims[i],
-                upsample=i > 0,
-                skip_channels=in_channels[self.fuse_levels[i]] if self.fuse_levels[i] is not None else None,
-                depth=depths[i],
-                num_heads=num_heads[i],
-                q_stride=q_strides[i],
-                kv_stride=kv_strides[i],
-                mlp_ratio=mlp_ratio,
-                drop_path=drop_path,
-            )
-            for i in range(n_stages)
+        # keys of the authors' `scale_embed`: index 1 for the second stage, 0 for the third
+        self.scale_embed = nn.ModuleDict(
+            {
+                str(2 - stage): _skip_projection(in_channels[level], dims[stage], strides[level] / stage_strides[stage])
+                for stage, level in zip((1, 2), self.skip_levels)
+            }
         )
-
-        # 3. multi-scale aggregation and heads
-        self.stage_norms = nn.ModuleList(nn.LayerNorm(d) for d in self.dims)
-        self.reduce = nn.ModuleList(
-            nn.Conv2d(d * num_tasks, channels * num_tasks, 1, groups=num_tasks) if i > 0 else nn.Identity()
-            for i, d in enumerate(self.dims)
+        block = dict(mlp_ratio=mlp_ratio, drop_path=drop_path, q_stride=q_stride, qkv_bias=qkv_bias)
+        num = len(self.tasks)
+        self.invpt_stages = nn.ModuleList(
+            InvPTStage(num, dims[max(i - 1, 0)], dims[i], num_heads[i], upsample=i > 0, kv_stride=kv_strides[i], **block)
+            for i in range(3)
         )
-        self.heads = nn.ModuleDict({t: task_head(channels, c) for t, c in task_channels.items()})
-        self.apply(self._init_linear)
+        self.norm_mts = nn.ModuleList(nn.LayerNorm(d * num) for d in dims)
+        self.redu_chan = nn.ModuleDict(
+            {str(i): nn.ModuleList(nn.Conv2d(dims[i], width, 1) for _ in self.tasks) for i in (1, 2)}
+        )
+        self.mt_proj = nn.ModuleDict(
+            {t: nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(True))
+             for t in self.tasks}
+        )
+        self.heads = nn.ModuleDict({t: nn.Conv2d(width, c, 1) for t, c in task_channels.items()})
+        self._init_weights()
 
-    @staticmethod
-    def _init_linear(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
+    def _init_weights(self) -> None:
+        # as the authors: truncated normal for the transformer stages' linear layers and the final
+        # 3x3 convs, unit/zero norms; every other layer keeps PyTorch's default initialisation
+        for module in self.invpt_stages.modules():
+            if isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
+                nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        for proj in self.mt_proj.values():
+            trunc_normal_(proj[0].weight, std=0.02)
 
-    def plan(self, image_size: Sequence[int]) -> tuple[list[tuple[int, int]], tuple[int, int]]:
-        """(stage sizes, output size) for an image of `image_size`: ceil(H / stride) per stage."""
-        h, w = image_size
-        sizes = [(math.ceil(h / s), math.ceil(w / s)) for s in self.stage_strides]
-        return sizes, (math.ceil(h / self.output_stride), math.ceil(w / self.output_stride))
+    def _grid(self, top: Tensor) -> tuple[int, int]:
+        """The first stage's grid: the last level's grid brought to `input_stride` (floor)."""
+        factor = self.input_stride / self.strides[-1]
+        h, w = top.shape[-2:]
+        return max(1, math.floor(h / factor)), max(1, math.floor(w / factor))
 
     def forward(self, features: Sequence[Tensor]) -> dict:
-        finest = features[self._finest]
-        image_size = (finest.shape[-2] * self._finest_stride, finest.shape[-1] * self._finest_stride)
-        sizes, out_size = self.plan(image_size)
-
-        x = resize_to(features[self.input_level], sizes[0])
-        tokens, preliminary = [], {}
-        for t in self.tasks:
-            feat = self.preliminary[t](x)
-            preliminary[t] = self.preliminary_heads[t](feat)
-            tokens.append(self.mix[t](torch.cat([feat, preliminary[t]], dim=1)))
-        x = _to_tokens(torch.cat(tokens, dim=1), len(self.tasks))
-
-        aggregated = None
-        for stage, level, size, norm, reduce in zip(
-            self.stages, self.fuse_levels, sizes, self.stage_norms, self.reduce
-        ):
-            x = stage(x, size, None if level is None else features[level])
-            maps = resize_to(reduce(_to_maps(norm(x))), out_size)
-            aggregated = maps if aggregated is None else aggregated + maps
-
-        per_task = aggregated.chunk(len(self.tasks), dim=1)
-        out: dict = {t: self.heads[t](m) for t, m in zip(self.tasks, per_task)}
+        top = features[-1]
+        x = _resize(top, self._grid(top))
+        task_features = {t: self.preliminary_decoder[t](x) for t in self.tasks}
+        preliminary = {t: self.intermediate_head[t](f) for t, f in task_features.items()}
+        maps = [self.mix_proj[t](torch.cat([task_features[t], preliminary[t]], dim=1)) for t in self.tasks]
+        skips = [None, self.scale_embed["1"](features[self.skip_levels[0]]),
+                 self.scale_embed["0"](features[self.skip_levels[1]])]
+        h, w = maps[0].shape[-2:]
+        final = (h * 8, w * 8)
+        fused: list[Tensor | int] = [0] * len(self.tasks)
+        scores = None
+        for i, stage in enumerate(self.invpt_stages):
+            maps, scores = stage(maps, scores, skips[i])
+            n, c, sh, sw = maps[0].shape
+            joint = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=2)
+            joint = self.norm_mts[i](joint).transpose(1, 2).reshape(n, c * len(maps), sh, sw)
+            for j, task_map in enumerate(joint.split(c, dim=1)):
+                if i > 0:
+                    task_map = self.redu_chan[str(i)][j](task_map)
+                fused[j] = fused[j] + F.interpolate(task_map, size=final, mode="bilinear", align_corners=False)
+        out: dict = {t: self.heads[t](self.mt_proj[t](fused[j])) for j, t in enumerate(self.tasks)}
         out["aux"] = {"preliminary": preliminary}
         return out
