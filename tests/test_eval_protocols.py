@@ -316,3 +316,16 @@ def test_mtl_eval_protocol_override_replaces_the_checkpoints(monkeypatch):
     assert run_cfg("atrc").eval.protocol == "atrc"
     with pytest.raises(ValueError, match="known: atrc, invpt, mtinet"):
         run_cfg("foo")
+
+
+def test_reports_lead_with_the_protocols_primary_metric():
+    from mtl_vision.engine.report import markdown_report, primary_key
+
+    metrics = {"val/saliency/maxF": 80.0, "val/saliency/max_mIoU_per_image": 66.0, "val/semseg/mIoU": 50.0}
+    values = {"maxF": 80.0, "max_mIoU_per_image": 66.0}
+    assert primary_key("saliency", values, "mtinet") == "max_mIoU_per_image"
+    assert primary_key("saliency", values, "atrc") == "maxF"
+    assert primary_key("saliency", {"maxF": 80.0}, "invpt") == "maxF"  # not computed: the task's own
+    report = markdown_report(metrics, ["semseg", "saliency"], name="run", protocol="mtinet")
+    assert "saliency max_mIoU_per_image ↑" in report.splitlines()[0]
+    assert "Evaluation protocol: `mtinet`" in report

@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from mtl_vision.cli import CONFIG_DIR, check_config_dir, exit_with_one_line, user_errors
-from mtl_vision.cli.build import build_datamodule, build_module, load_run, write_baseline
+from mtl_vision.cli.build import build_datamodule, build_module, eval_protocol, load_run, write_baseline
 from mtl_vision.cli.overrides import check_overrides
 from mtl_vision.engine.report import markdown_report, print_metric_table, write_json
 from mtl_vision.fileio import atomic_write_text
@@ -91,11 +91,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             name=Path(cfg.ckpt).name,
             baselines=delta.baselines if delta is not None else None,
             convention=delta.convention if delta is not None else "mtinet",
+            protocol=eval_protocol(run_cfg),
         )
         images = len(datamodule.val_set)
         header = f"# {cfg.ckpt}\n\nsplit `{cfg.split}` of `{run_cfg.data.get('name')}`, {images} images.\n\n"
         atomic_write_text(out / f"{stem}.md", header + report)
-        print_metric_table(metrics, facts.tasks, title=f"{cfg.split}: {cfg.ckpt}")
+        print_metric_table(metrics, facts.tasks, title=f"{cfg.split}: {cfg.ckpt}", protocol=eval_protocol(run_cfg))
         log.info("wrote %s and %s", out / f"{stem}.json", out / f"{stem}.md")
         if cfg.get("write_baselines"):
             path = write_baseline(run_cfg, facts.tasks, datamodule.name, metrics, source=str(cfg.ckpt))

@@ -93,6 +93,7 @@ def train(cfg: DictConfig) -> float:
     from mtl_vision.engine.callbacks import ImageThroughput
     from mtl_vision.engine.history import continue_history
     from mtl_vision.engine.quiet import quiet_lightning
+    from mtl_vision.cli.build import eval_protocol
     from mtl_vision.engine.report import print_metric_table, write_json
     from mtl_vision.engine.tracking import finish_wandb
     from mtl_vision.engine.weights import load_model_weights
@@ -155,7 +156,12 @@ def train(cfg: DictConfig) -> float:
         if throughput is not None and throughput.mean_images_per_s is not None:
             log.info("training throughput: %.1f images/s", throughput.mean_images_per_s)
         write_json(output_dir / "metrics.json", metrics)
-        print_metric_table(metrics, datamodule.tasks, title=f"validation ({cfg.monitor} = {metrics[cfg.monitor]:.4g})")
+        print_metric_table(
+            metrics,
+            datamodule.tasks,
+            title=f"validation ({cfg.monitor} = {metrics[cfg.monitor]:.4g})",
+            protocol=eval_protocol(cfg),
+        )
         log.info("metrics written to %s", output_dir / "metrics.json")
     diverged = non_finite_results(metrics, datamodule.tasks, cfg.monitor)
     if trainer.is_global_zero and cfg.get("write_baselines") and not diverged:

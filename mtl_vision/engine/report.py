@@ -14,10 +14,23 @@ from rich.table import Table
 from mtl_vision.fileio import atomic_write_text
 from mtl_vision.metrics.delta_m import KEY as DELTA_M_KEY
 from mtl_vision.metrics.delta_m import task_metrics
+from mtl_vision.metrics.protocols import DEFAULT_PROTOCOL, protocol_primary
 from mtl_vision.tasks import get_task
 
 
-def metric_table(metrics: Mapping[str, float], tasks: Sequence[str], *, title: str = "validation") -> Table:
+def primary_key(task: str, values: Mapping[str, float], protocol: str = DEFAULT_PROTOCOL) -> str:
+    """The key a table shows first for `task`: the protocol's primary (MTI-Net's saliency mIoU,
+    InvPT's saliency maxF) where it differs and was computed, else the task's primary or its proxy."""
+    own = protocol_primary(task, protocol)
+    if own is not None and own in values:
+        return own
+    spec = get_task(task)
+    return spec.primary_in(values) or spec.primary
+
+
+def metric_table(
+    metrics: Mapping[str, float], tasks: Sequence[str], *, title: str = "validation", protocol: str = DEFAULT_PROTOCOL
+) -> Table:
     """One row per task: its primary metric first, then the others (per-class IoUs left out)."""
     table = Table(title=title)
     table.add_column("task")
@@ -26,7 +39,7 @@ def metric_table(metrics: Mapping[str, float], tasks: Sequence[str], *, title: s
     for task in tasks:
         spec = get_task(task)
         values = task_metrics(metrics, task)
-        key = spec.primary_in(values) or spec.primary
+        key = primary_key(task, values, protocol)
         primary = values.pop(key, math.nan)
         arrow = "↓" if key in spec.lower_is_better_keys else "↑"
         others = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
@@ -43,12 +56,13 @@ def markdown_report(
     name: str,
     baselines: Mapping[str, Mapping[str, float]] | None = None,
     convention: str = "mtinet",
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> str:
     """A results table as the papers print it (one column per task's primary metric, then Δm),
     with the single-task baseline row when there is one, followed by every metric per task."""
     baselines = baselines or {}
     values = {t: task_metrics(metrics, t) for t in tasks}
-    keys = {t: get_task(t).primary_in(values[t]) or get_task(t).primary for t in tasks}
+    keys = {t: primary_key(t, values[t], protocol) for t in tasks}
 
     def arrow(task: str, key: str) -> str:
         return "↓" if key in get_task(task).lower_is_better_keys else "↑"
@@ -65,6 +79,7 @@ def markdown_report(
         lines += ["", "Δm: no single-task baselines for every task (see `experiment=single_task`)."]
     else:
         lines += ["", f"Δm convention: {convention}."]
+    lines += ["", f"Evaluation protocol: `{protocol}` (README: Evaluation protocols)."]
     lines += ["", "| task | metric | value |", "|---|---|---|"]
     for t in tasks:
         lines += [f"| {t} | {k} {arrow(t, k)} | {_fmt(v)} |" for k, v in values[t].items()]
@@ -81,8 +96,10 @@ def _fmt(value: float) -> str:
     return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
 
 
-def print_metric_table(metrics: Mapping[str, float], tasks: Sequence[str], *, title: str = "validation") -> None:
-    Console().print(metric_table(metrics, tasks, title=title))
+def print_metric_table(
+    metrics: Mapping[str, float], tasks: Sequence[str], *, title: str = "validation", protocol: str = DEFAULT_PROTOCOL
+) -> None:
+    Console().print(metric_table(metrics, tasks, title=title, protocol=protocol))
 
 
 def write_json(path: str | os.PathLike, values: Mapping[str, float]) -> Path:
