@@ -26,6 +26,31 @@ TINY_SYNTHETIC = ["data.dataset.height=64", "data.dataset.width=80", "data.datas
 TINY = TINY_MODEL + TINY_SYNTHETIC
 
 
+def decoder_overrides(decoder: str, backbone: str, size: Sequence[int] = (64, 80)) -> list[str] | None:
+    """Extra overrides that let `decoder` run on the tiny `backbone` at input `size`, or None when
+    it cannot: a decoder that reads the blocks of a plain ViT (`backbone_kind = "vit"`,
+    TaskPrompter) runs on test_vit only, with the ViT read as the paper does (raw blocks, the last
+    normalised) at a fixed grid."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    target = OmegaConf.load(CONFIG_DIR / "decoder" / f"{decoder}.yaml")["_target_"]
+    if getattr(get_class(target), "backbone_kind", "any") != "vit":
+        return []
+    if backbone != "test_vit":
+        return None
+    h, w = size
+    return [
+        "++backbone.final_norm=true",
+        "++backbone.out_indices=[1,3,4,5]",
+        f"++backbone.model_kwargs.img_size=[{h},{w}]",
+        "backbone.model_kwargs.dynamic_img_size=false",
+        f"decoder.image_size=[{h},{w}]",
+        "decoder.depth=6",
+        "decoder.num_heads=2",
+    ]
+
+
 def config_groups() -> dict[str, list[str]]:
     """{group: [option, ...]} for every config group directory in conf/."""
     groups = {}

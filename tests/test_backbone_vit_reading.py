@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mtl_vision.models.backbone import Backbone
 
-TINY = dict(depth=2, embed_dim=32, num_heads=2)
+TINY = {"depth": 2, "embed_dim": 32, "num_heads": 2}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_pretrained_position_embeddings_reach_the_crop_grid(weights, class_token
 
 def test_the_last_level_passes_the_final_norm_and_the_input_statistics_are_the_given_ones():
     torch.manual_seed(0)
-    kwargs = dict(name="vit_large_patch16_384", out_indices=[0, 1], model_kwargs=dict(TINY, img_size=[64, 96]))
+    kwargs = {"name": "vit_large_patch16_384", "out_indices": [0, 1], "model_kwargs": {**TINY, "img_size": [64, 96]}}
     backbone = Backbone(final_norm=True, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], **kwargs).eval()
     assert backbone.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
     x = torch.randn(1, 3, 64, 96)

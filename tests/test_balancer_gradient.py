@@ -245,3 +245,29 @@ def test_features_mode_refuses_task_conditioned_backbones():
     model = MultiTaskModel(backbone=backbone, decoder=decoder)
     with pytest.raises(ValueError, match="mode=params"):
         _balancer(UPGrad(), TASKS, mode="features").bind(model)
+
+
+def test_features_mode_trains_the_decoder_modules_that_work_inside_the_encoder(make_cfg):
+    """TaskPrompter's prompts join the ViT's attention: their only gradient comes through the
+    features, so features-mode balancers count them as shared, as the backbone."""
+    from conftest import decoder_overrides
+
+    from mtl_vision.cli.build import TaskFacts, build_module
+
+    overrides = ["decoder=taskprompter", "backbone=test_vit", *decoder_overrides("taskprompter", "test_vit", (32, 48))]
+    cfg = make_cfg([*overrides, "data.tasks=[semseg,depth,edge]"])
+    facts = TaskFacts(tasks=TASKS, task_channels=CHANNELS, class_names={}, edge_tolerance=0.011)
+    model = build_module(cfg, facts).model.train()
+    g = torch.Generator().manual_seed(1)
+    batch = {
+        "image": torch.rand(2, 3, 32, 48, generator=g),
+        "semseg": torch.randint(0, 5, (2, 32, 48), generator=g),
+        "depth": torch.rand(2, 1, 32, 48, generator=g) + 0.5,
+        "edge": (torch.rand(2, 1, 32, 48, generator=g) > 0.8).float(),
+    }
+    step = TaskGradientStep(model, _balancer(UPGrad(), TASKS, mode="features"), TASKS)
+    step.micro_batch(batch["image"], _losses(MultiTaskLoss(tasks=TASKS), batch), lambda: None, scale=1.0, divide=1)
+    assert step.write_gradients(scale=1.0)[0]
+    prompts = dict(model.named_parameters())["decoder.prompter.prompts.semseg"]
+    assert prompts.grad is not None and prompts.grad.abs().sum() > 0
+    assert "decoder.prompter.prompts.semseg" in [step.names[i] for i in step.shared_idx]

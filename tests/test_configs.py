@@ -5,10 +5,10 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from conftest import config_groups, decoder_overrides
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import config_groups
 from mtl_vision.cli.build import build_datamodule, build_module, build_trainer
 from mtl_vision.models.backbone import Backbone
 
@@ -74,7 +74,10 @@ def test_backbone_configs_build_nchw_features(make_cfg, option):
 def test_module_builds_with_every_option(make_cfg, group):
     # Dataset configs on disk are built and trained on their fixtures in test_real_data.py.
     for option in GROUPS[group]:
-        cfg = make_cfg([f"{group}={option}"])
+        extra = []
+        if group == "decoder" and decoder_overrides(option, "test_resnet") is None:
+            extra = ["backbone=test_vit", *decoder_overrides(option, "test_vit")]
+        cfg = make_cfg([f"{group}={option}", *extra])
         datamodule = build_datamodule(cfg)
         module = build_module(cfg, datamodule)
         assert module.tasks == list(cfg.data.tasks)

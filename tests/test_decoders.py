@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
+from conftest import config_groups, decoder_overrides
 
-from conftest import config_groups
 from mtl_vision.cli.build import build_datamodule, build_module
 from mtl_vision.cli.train import train
 from mtl_vision.losses import MultiTaskLoss
@@ -25,7 +25,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(make_cfg, decoder: str, backbone: str, seed: int = 0, tasks: str = TASKS):
-    cfg = make_cfg([f"decoder={decoder}", f"backbone={backbone}", f"data.tasks={tasks}"])
+    extra = decoder_overrides(decoder, backbone)
+    if extra is None:
+        pytest.skip(f"{decoder} reads the blocks of a plain ViT, not {backbone}")
+    cfg = make_cfg([f"decoder={decoder}", f"backbone={backbone}", f"data.tasks={tasks}", *extra])
     datamodule = build_datamodule(cfg)
     torch.manual_seed(seed)
     module = build_module(cfg, datamodule)
@@ -85,8 +88,9 @@ def test_overfits_one_batch(make_cfg, decoder, backbone):
 
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_same_seed_same_outputs(make_cfg, decoder):
-    _, a, batch = _setup(make_cfg, decoder, "test_resnet", seed=3)
-    _, b, _ = _setup(make_cfg, decoder, "test_resnet", seed=3)
+    backbone = next(b for b in BACKBONES if decoder_overrides(decoder, b) is not None)
+    _, a, batch = _setup(make_cfg, decoder, backbone, seed=3)
+    _, b, _ = _setup(make_cfg, decoder, backbone, seed=3)
     a.eval(), b.eval()
     with torch.no_grad():
         out_a, out_b = a.model(batch["image"]), b.model(batch["image"])
@@ -143,6 +147,8 @@ def test_trains_on_the_real_dataset_layouts(make_cfg, tmp_path, decoder, dataset
 
     root = _fixture(tmp_path, "nyud_mt" if dataset == "nyud" else "pascal_mt")
     overrides = [f"data={dataset}", f"data.root={root}", f"decoder={decoder}", "data.crop_size=[48,64]"]
+    if decoder_overrides(decoder, "test_resnet") is None:
+        overrides += ["backbone=test_vit", *decoder_overrides(decoder, "test_vit", (48, 64))]
     cfg = make_cfg([*overrides, "data.batch_size=2", "trainer.max_steps=2", "trainer.max_epochs=3"])
     value = train(cfg)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

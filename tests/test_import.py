@@ -28,7 +28,7 @@ def _record() -> dict:
 
 def _cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", f"mtl_vision.cli.{module}", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", f"mtl_vision.cli.{module}", *args], cwd=cwd, capture_output=True, text=True, timeout=600, check=False
     )
 
 

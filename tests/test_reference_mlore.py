@@ -4,50 +4,22 @@ routing, the load-balancing loss and the re-parameterised inference form equal t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from reference import AUTHORS_ENCODING, assert_equal_to_reference, load_reference
 
-from mtl_vision.cli.build import TaskFacts, build_module
-from mtl_vision.importing import convert, load_exactly, read_state
 from mtl_vision.importing.mlore import to_ours
 from mtl_vision.tasks import get_task
 
-FIXTURES = Path(__file__).parent / "fixtures" / "reference"
 DATASETS = ["nyud", "pascal"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# their utils.get_output of a prediction, from our activated one
-AUTHORS_ENCODING = {
-    "semseg": lambda p: p,
-    "human_parts": lambda p: p,
-    "depth": lambda p: p.clamp(min=0).permute(0, 2, 3, 1),  # their get_output clamps, our activation does not
-    "normals": lambda p: ((p + 1) * 255 / 2).permute(0, 2, 3, 1),
-    "edge": lambda p: 255 * p[:, 0],
-    "saliency": lambda p: 255 * p[:, 0],
-}
-
-
-def assert_equal_to_reference(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
-    """Equal to 1e-5 relative to the reference's largest magnitude (float32)."""
-    assert ours.shape == theirs.shape, f"{what}: shape {tuple(ours.shape)}, authors {tuple(theirs.shape)}"
-    scale = theirs.abs().max().item()
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{what}: {m}")
-
 
 def reference(dataset: str, make_cfg) -> tuple[torch.nn.Module, dict]:
     """(our model filled from the fixture's checkpoint, in eval mode; the fixture's record)."""
-    record = torch.load(FIXTURES / f"mlore_{dataset}.pt", map_location="cpu", weights_only=True)
-    cfg = make_cfg(record["overrides"], tiny=False)
-    facts = TaskFacts(
-        tasks=list(record["tasks"]), task_channels=dict(record["task_channels"]), class_names={}, edge_tolerance=0.011
-    )
-    model = build_module(cfg, facts).model
-    checkpoint = FIXTURES / f"mlore_{dataset}.pth"
-    load_exactly(model, convert("mlore", read_state(checkpoint), tasks=facts.tasks), path=checkpoint, source="mlore")
-    return model.eval(), record
+    record, model = load_reference(f"mlore_{dataset}", make_cfg)
+    return model, record
 
 
 @pytest.mark.parametrize("dataset", DATASETS)

@@ -95,8 +95,13 @@ class TaskGradientStep:
         self.plain_idx = [i for i in range(len(self.params)) if i not in chosen]
 
     def _backbone_split(self) -> None:
-        """Features mode: shared = every trainable backbone parameter."""
-        self.shared_idx = [i for i, n in enumerate(self.names) if self.balancer.is_shared(n)]
+        """Features mode: shared = every trainable backbone parameter, and the decoder's modules
+        that take part in the encoding (`encoder_modules`: TaskPrompter's prompts), whose only
+        gradient comes through the features."""
+        inside = tuple(f"decoder.{m}." for m in getattr(getattr(self.model, "decoder", None), "encoder_modules", ()))
+        self.shared_idx = [
+            i for i, n in enumerate(self.names) if self.balancer.is_shared(n) or n.startswith(inside or ("\0",))
+        ]
         chosen = set(self.shared_idx)
         self.plain_idx = [i for i in range(len(self.params)) if i not in chosen]
 

@@ -14,9 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-# the order in which the authors' utils/config.py appends the tasks it is told to include
-AUTHORS_TASK_ORDER = ("semseg", "depth", "human_parts", "sal", "normals", "edge")
-TASK_NAMES = {"sal": "saliency"}  # theirs -> ours
+from mtl_vision.importing._authors import authors_tasks, check_task_set, ours, rename_keys
 
 # Weights of modules their forward never uses: the projection of the second-last backbone level
 # (its output is computed, never added), the first stage's attention-score fusion and width
@@ -29,23 +27,10 @@ UNUSED = (
 )
 
 
-def authors_tasks(state: dict[str, Tensor], prefix: str = "heads.") -> list[str]:
-    """The authors' task list (their names, their order), read from the task heads' keys."""
-    found = {key[len(prefix):].split(".", 1)[0] for key in state if key.startswith(prefix)}
-    unknown = sorted(found - set(AUTHORS_TASK_ORDER))
-    if unknown or not found:
-        raise ValueError(
-            f"the checkpoint's task heads {sorted(found)} are not tasks of the authors' code {list(AUTHORS_TASK_ORDER)}"
-        )
-    return [t for t in AUTHORS_TASK_ORDER if t in found]
-
-
-def task_permutation(theirs: Sequence[str], ours: Sequence[str]) -> list[int]:
+def task_permutation(theirs: Sequence[str], tasks: Sequence[str]) -> list[int]:
     """`perm[j]` = our index of the authors' j-th task; the two sets must agree."""
-    named = [TASK_NAMES.get(t, t) for t in theirs]
-    if sorted(named) != sorted(ours):
-        raise ValueError(f"the checkpoint was trained on tasks {named}; the configured model has {list(ours)}")
-    return [list(ours).index(t) for t in named]
+    named = check_task_set(theirs, tasks)
+    return [list(tasks).index(t) for t in named]
 
 
 def permute_task_blocks(value: Tensor, perm: Sequence[int]) -> Tensor:
@@ -61,8 +46,7 @@ def to_ours(state: dict[str, Tensor], *, tasks: Sequence[str]) -> dict[str, Tens
     theirs = authors_tasks(state)
     perm = task_permutation(theirs, tasks)
 
-    def task(name: str) -> str:
-        return TASK_NAMES.get(name, name)
+    task = ours
 
     def index(j: str) -> str:
         return str(perm[int(j)])
@@ -97,21 +81,7 @@ def to_ours(state: dict[str, Tensor], *, tasks: Sequence[str]) -> dict[str, Tens
         ),
         (re.compile(r"multi_task_decoder\.invpt\.norm_mts\.(\d)\.(.*)"), lambda m: f"decoder.norm_mts.{m[1]}.{m[2]}"),
     ]
-    out: dict[str, Tensor] = {}
-    unknown = []
-    for key, value in state.items():
-        if any(p.match(key) for p in UNUSED):
-            continue
-        for pattern, rename in rules:
-            match = pattern.fullmatch(key)
-            if match:
-                new = rename(match)
-                if new.startswith("decoder.norm_mts."):
-                    value = permute_task_blocks(value, perm)
-                out[new] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(f"keys of no InvPT module: {unknown[:8]}{' …' if len(unknown) > 8 else ''}")
+    out = rename_keys(state, rules, unused=UNUSED, what="InvPT")
+    for key in [k for k in out if k.startswith("decoder.norm_mts.")]:
+        out[key] = permute_task_blocks(out[key], perm)
     return out

@@ -18,7 +18,8 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-TASK_NAMES = {"sal": "saliency"}  # theirs -> ours
+from mtl_vision.importing._authors import TASK_NAMES
+
 BACKBONE = "backbone.model.model."  # our Backbone's timm FeatureGetterNet holds the ViT as `.model`
 
 # Weights of modules their forward never uses, present in checkpoints of their ViT-B variant

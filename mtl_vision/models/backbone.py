@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from mtl_vision.models.moe_backbone import apply_moe_layers
 from mtl_vision.models.task_context import TaskConditioned, task_scope
 
-
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
 

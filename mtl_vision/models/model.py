@@ -9,6 +9,14 @@ from mtl_vision.models.backbone import Backbone
 from mtl_vision.models.decoders.common import resize_to
 
 
+def encode_with(backbone: Backbone, decoder: nn.Module, x: Tensor) -> list[Tensor] | dict[str, list[Tensor]]:
+    """The backbone's features of a normalised batch; a decoder that works inside the encoder
+    (TaskPrompter's prompts join the ViT's attention) declares `encode(backbone, x)` and runs the
+    backbone's modules itself."""
+    encode = getattr(decoder, "encode", None)
+    return encode(backbone, x) if encode is not None else backbone(x)
+
+
 class MultiTaskModel(nn.Module):
     """Args:
         backbone: feature extractor with `channels`, `strides`, `mean`, `std`.
@@ -33,7 +41,7 @@ class MultiTaskModel(nn.Module):
         x = (image - self.backbone.mean) / self.backbone.std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.backbone(x)
+        return encode_with(self.backbone, self.decoder, x)
 
     def decode(self, features: list[Tensor] | dict[str, list[Tensor]], size: tuple[int, int]) -> dict:
         """Decoder outputs brought to the input `size` (aux sets likewise)."""

@@ -46,6 +46,8 @@ def model_summary(model: nn.Module, image_size: Sequence[int]) -> dict[str, floa
     multiply-adds, i.e. half of these. Returns `{<part>/params, <part>/trainable_params,
     <part>/gflops}` for part in backbone, decoder, and their total.
     """
+    from mtl_vision.models.model import encode_with
+
     height, width = (int(v) for v in image_size)
     backbone, decoder = model.backbone, model.decoder
     device = next(model.parameters()).device
@@ -54,10 +56,15 @@ def model_summary(model: nn.Module, image_size: Sequence[int]) -> dict[str, floa
     try:
         image = torch.rand(1, 3, height, width, device=device)
         x = (image - backbone.mean) / backbone.std
-        features = backbone(x)
+        features = encode_with(backbone, decoder, x)
         # a task-conditioned backbone gives {task: maps} and each task is decoded from its own
         per_task = list(features.values()) if isinstance(features, dict) else [features]
-        flops = {"backbone": _flops(backbone, x), "decoder": sum(_flops(decoder, f) for f in per_task)}
+        # (a decoder that runs the backbone itself, TaskPrompter, has the encoder's FLOPs counted
+        # as the backbone's, prompts included)
+        flops = {
+            "backbone": _flops(encode_with, backbone, decoder, x),
+            "decoder": sum(_flops(decoder, f) for f in per_task),
+        }
     finally:
         model.train(was_training)
     out: dict[str, float] = {}

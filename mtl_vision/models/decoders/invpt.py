@@ -302,7 +302,7 @@ class InvPTDecoder(nn.Module):
                 for stage, level in zip((1, 2), self.skip_levels)
             }
         )
-        block = dict(mlp_ratio=mlp_ratio, drop_path=drop_path, q_stride=q_stride, qkv_bias=qkv_bias)
+        block = {"mlp_ratio": mlp_ratio, "drop_path": drop_path, "q_stride": q_stride, "qkv_bias": qkv_bias}
         num = len(self.tasks)
         self.invpt_stages = nn.ModuleList(
             InvPTStage(num, dims[max(i - 1, 0)], dims[i], num_heads[i], upsample=i > 0, kv_stride=kv_strides[i], **block)
