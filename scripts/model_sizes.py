@@ -47,7 +47,7 @@ def ours(experiment: str) -> torch.nn.Module:
     from mtl_vision.cli import CONFIG_DIR
     from mtl_vision.cli.build import TaskFacts, build_module
 
-    dataset = experiment.rsplit("_", 1)[1]
+    dataset = experiment.split("_")[1]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", "backbone.pretrained=false"])
     channels = {{"sal": "saliency"}.get(t, t): c for t, c in TASKS[dataset].items()}
@@ -56,7 +56,7 @@ def ours(experiment: str) -> torch.nn.Module:
 
 
 def theirs(experiment: str, repo: Path) -> torch.nn.Module:
-    model, dataset = experiment.rsplit("_", 1)
+    model, dataset = experiment.split("_", 1)
     builder = __import__(f"fixtures.{model}", fromlist=["full_size"])
     return builder.full_size(repo, dataset)
 
@@ -64,11 +64,11 @@ def theirs(experiment: str, repo: Path) -> torch.nn.Module:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("side", choices=["ours", "theirs"])
-    parser.add_argument("experiment", help="e.g. invpt_nyud, invpt_pascal")
+    parser.add_argument("experiment", help="<model>_<dataset>[_<variant>], e.g. invpt_nyud, taskprompter_pascal_vitb")
     parser.add_argument("--repo", type=Path, help="the authors' folder (for `theirs`)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    size = CROPS[args.experiment.rsplit("_", 1)[1]]
+    size = CROPS[args.experiment.split("_")[1]]
     model = ours(args.experiment) if args.side == "ours" else theirs(args.experiment, args.repo)
     result = count(model, size)
     print(f"{args.side} {args.experiment} at {size[0]}x{size[1]}: {result['params_M']:.3f} M params, "
