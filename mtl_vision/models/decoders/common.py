@@ -8,7 +8,12 @@ The decoder contract (every file in conf/decoder/ builds one):
   `{task: raw map (N, task_channels[task], h, w)}` at any resolution (the model resizes to the
   input), optionally with `"aux": {name: {task: map}}` of intermediate predictions (deep
   supervision) whose losses are weighted by `loss.aux_weights[name]` (default `loss.aux_weight`);
-* `aux_names`: the names of the aux prediction sets it returns (empty if none).
+* `aux_names`: the names of the aux prediction sets it returns (empty if none);
+* optionally `encode(backbone, normalised_image) -> features`, for a decoder that works inside the
+  encoder (TaskPrompter's prompts join the ViT's attention): `MultiTaskModel.encode` then calls it
+  instead of the backbone, `encoder_modules` names the decoder's submodules used there (gradient
+  balancers of the features count them as shared), and `backbone_kind = "vit"` says it needs a
+  plain ViT.
 
 Decoders that need several scales take them from the backbone levels (`levels` / `min_stride`)
 or, for single-scale backbones such as ViT (every level at stride 16), from `ScalePyramid`,
