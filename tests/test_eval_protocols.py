@@ -329,3 +329,16 @@ def test_reports_lead_with_the_protocols_primary_metric():
     report = markdown_report(metrics, ["semseg", "saliency"], name="run", protocol="mtinet")
     assert "saliency max_mIoU_per_image ↑" in report.splitlines()[0]
     assert "Evaluation protocol: `mtinet`" in report
+
+
+@pytest.mark.parametrize(
+    ("protocol", "monitor"),
+    [("atrc", "val/saliency/maxF"), ("mtinet", "val/saliency/max_mIoU_per_image"),
+     ("invpt", "val/saliency/maxF_sigmoid_prob")],
+)
+def test_monitor_auto_follows_the_protocols_primary(make_cfg, protocol, monitor):
+    from mtl_vision.cli.build import resolve_monitor
+
+    cfg = make_cfg(["monitor=auto", f"eval.protocol={protocol}", "data.tasks=[saliency,semseg]"])
+    resolve_monitor(cfg, ["saliency", "semseg"], None)
+    assert (cfg.monitor, cfg.monitor_mode) == (monitor, "max")

@@ -16,7 +16,7 @@ from mtl_vision.engine.checkpoint import read_checkpoint
 from mtl_vision.engine.module import RUN_INFO_KEY, MultiTaskModule
 from mtl_vision.metrics.delta_m import KEY as DELTA_M_KEY
 from mtl_vision.metrics.delta_m import DeltaM, task_metrics, update_baselines
-from mtl_vision.metrics.protocols import check_protocol
+from mtl_vision.metrics.protocols import check_protocol, protocol_primary
 from mtl_vision.models.model import MultiTaskModel
 from mtl_vision.tasks import get_task
 
@@ -66,15 +66,16 @@ def resolve_monitor(cfg: DictConfig, tasks: list[str], delta_m: DeltaM | None) -
     """Replace `monitor: auto` (and its mode) by a concrete metric, then check the monitor.
 
     auto = `val/delta_m` (max) when the baselines cover every task, else the first task's primary
-    metric (its training-time stand-in, e.g. `odsF_approx`, where the primary is too costly to
-    compute at every validation), in that metric's direction.
+    metric under the run's evaluation protocol (MTI-Net's saliency mIoU under `mtinet`), or its
+    training-time stand-in (e.g. `odsF_approx`, where the primary is too costly to compute at every
+    validation), in that metric's direction.
     """
     if cfg.monitor == "auto":
         if delta_m is not None and delta_m.covers(tasks):
             monitor, mode = f"val/{DELTA_M_KEY}", "max"
         else:
             spec = get_task(tasks[0])
-            key = spec.selection_key
+            key = protocol_primary(tasks[0], eval_protocol(cfg)) or spec.selection_key
             monitor = f"val/{tasks[0]}/{key}"
             mode = "min" if key in spec.lower_is_better_keys else "max"
         with open_dict(cfg):
