@@ -73,6 +73,22 @@ def test_update_baselines_merges_and_keeps_other_metrics(tmp_path):
     assert load_baselines(path)["depth"] == {"rmse": 0.6}, "a refused update leaves the file as it was"
 
 
+def test_baselines_record_their_protocol_and_delta_m_uses_only_its_own(tmp_path):
+    path = tmp_path / "b.yaml"
+    update_baselines(path, "semseg", {"mIoU": 50.0})
+    update_baselines(path, "normals", {"mean": 20.0}, protocol="mtinet")  # scored on uint8 normals
+    assert yaml.safe_load(path.read_text())["tasks"]["normals"]["protocol"] == "mtinet"
+    # the normals' keys mean something else under another protocol: never merged into one entry
+    with pytest.raises(ValueError, match="eval.protocol=mtinet, these metrics with atrc"):
+        update_baselines(path, "normals", {"mean": 19.0})
+    assert load_baselines(path)["normals"] == {"mean": 20.0}
+    assert load_baselines(path, "atrc") == {"semseg": {"mIoU": 50.0}}
+    assert load_baselines(path, "mtinet") == {"normals": {"mean": 20.0}}
+    results = {"val/semseg/mIoU": 55.0, "val/normals/mean": 18.0}
+    assert not DeltaM(path, protocol="atrc").covers(["semseg", "normals"])
+    assert DeltaM(path, protocol="mtinet")(results, ["normals"]) == pytest.approx(10.0)
+
+
 def test_bad_baselines_file_names_the_file(tmp_path):
     path = tmp_path / "b.yaml"
     path.write_text("tasks:\n  depth:\n    metrics: {rmse: fast}\n")

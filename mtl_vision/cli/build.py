@@ -198,6 +198,7 @@ def write_baseline(cfg: DictConfig, tasks: list[str], dataset: str | None, metri
         dataset=dataset,
         backbone=cfg.backbone.get("name"),
         run=source,
+        protocol=eval_protocol(cfg),
     )
 
 

@@ -134,13 +134,27 @@ def delta_m(
     return sum(per_task) / len(per_task)
 
 
-def load_baselines(path: str | os.PathLike) -> dict[str, dict[str, float]]:
-    """``{task: {metric: value}}`` from a baselines file; {} when the file does not exist."""
+def load_baselines(path: str | os.PathLike, protocol: str | None = None) -> dict[str, dict[str, float]]:
+    """``{task: {metric: value}}`` from a baselines file; {} when the file does not exist. With
+    ``protocol``, only the tasks scored under that evaluation protocol (an entry without one was
+    written before protocols existed, by ATRC's metrics)."""
     path = Path(path)
     if not path.is_file():
         return {}
     data = _read(path)
-    return {task: {k: float(v) for k, v in entry["metrics"].items()} for task, entry in data["tasks"].items()}
+    return {
+        task: {k: float(v) for k, v in entry["metrics"].items()}
+        for task, entry in data["tasks"].items()
+        if protocol is None or entry.get("protocol", DEFAULT_PROTOCOL) == protocol
+    }
+
+
+def baseline_protocols(path: str | os.PathLike) -> dict[str, str]:
+    """``{task: evaluation protocol}`` of a baselines file's entries."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    return {task: str(entry.get("protocol", DEFAULT_PROTOCOL)) for task, entry in _read(path)["tasks"].items()}
 
 
 def _read(path: Path) -> dict:
@@ -178,10 +192,14 @@ def update_baselines(
     dataset: str | None = None,
     backbone: str | None = None,
     run: str | None = None,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> Path:
     """Merge one task's single-task metrics into the baselines file (metrics already stored for
-    the task and absent from ``metrics`` are kept, e.g. an exact odsF from ``mtl-eval``)."""
+    the task and absent from ``metrics`` are kept, e.g. an exact odsF from ``mtl-eval``). The
+    entry records the evaluation protocol; metrics of another protocol are refused, since some
+    keys (the normals' under ``mtinet``) mean something else under each."""
     get_task(task)
+    protocol = check_protocol(protocol)
     if not metrics:
         raise ValueError(f"no metrics to write for task {task!r} into {path}")
     path = Path(path)
@@ -194,6 +212,12 @@ def update_baselines(
                 data[key] = value
         tasks = data.setdefault("tasks", {})
         entry = tasks.setdefault(task, {})
+        if entry.get("metrics") and entry.get("protocol", DEFAULT_PROTOCOL) != protocol:
+            raise ValueError(
+                f"{path}: the {task} baseline was scored with eval.protocol={entry.get('protocol', DEFAULT_PROTOCOL)}, "
+                f"these metrics with {protocol}; write them to another file (delta_m.baselines=...)"
+            )
+        entry["protocol"] = protocol
         merged = dict(entry.get("metrics", {}))
         merged.update({k: float(v) for k, v in metrics.items()})
         entry["metrics"] = merged
@@ -223,7 +247,14 @@ class DeltaM:
         self.path = Path(baselines) if baselines else None
         self.convention = convention
         self.protocol = check_protocol(protocol)
-        self.baselines = load_baselines(self.path) if self.path is not None else {}
+        self.baselines = load_baselines(self.path, self.protocol) if self.path is not None else {}
+        if self.path is not None:
+            other = {t: p for t, p in baseline_protocols(self.path).items() if p != self.protocol}
+            if other:
+                log.warning(
+                    "baselines in %s scored with another evaluation protocol than eval.protocol=%s are left out "
+                    "of val/delta_m: %s", self.path, self.protocol, other,
+                )
         self._warned: set[str] = set()
 
     def covers(self, tasks: Sequence[str]) -> bool:
