@@ -27,7 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", choices=MODELS)
     parser.add_argument("--repo", type=Path, required=True, help="folder of the authors' code for this model")
-    parser.add_argument("--datasets", nargs="+", default=["nyud", "pascal"], choices=["nyud", "pascal"])
+    parser.add_argument("--datasets", nargs="+", default=["nyud", "pascal"], choices=["nyud", "pascal", "pascal_vitb"])
     parser.add_argument("--out", type=Path, default=ROOT.parent / "tests" / "fixtures" / "reference")
     args = parser.parse_args()
     builder = importlib.import_module(f"fixtures.{args.model}")

@@ -11,7 +11,7 @@ from reference import AUTHORS_ENCODING, assert_equal_to_reference, load_referenc
 from mtl_vision.importing.mlore import to_ours
 from mtl_vision.tasks import get_task
 
-DATASETS = ["nyud", "pascal"]
+DATASETS = ["nyud", "pascal", "pascal_vitb"]  # pascal_vitb: their ViT-B files (MLoRE_vitB.py, wrapper_vitb)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
