@@ -30,11 +30,12 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def _flops(fn, *args) -> int:
+def _flops(fn, *args):
+    """(FLOPs of `fn(*args)`, its output)."""
     counter = flop_counter()
     with counter:
-        fn(*args)
-    return int(counter.get_total_flops())
+        out = fn(*args)
+    return int(counter.get_total_flops()), out
 
 
 @torch.no_grad()
@@ -56,15 +57,12 @@ def model_summary(model: nn.Module, image_size: Sequence[int]) -> dict[str, floa
     try:
         image = torch.rand(1, 3, height, width, device=device)
         x = (image - backbone.mean) / backbone.std
-        features = encode_with(backbone, decoder, x)
-        # a task-conditioned backbone gives {task: maps} and each task is decoded from its own
-        per_task = list(features.values()) if isinstance(features, dict) else [features]
         # (a decoder that runs the backbone itself, TaskPrompter, has the encoder's FLOPs counted
         # as the backbone's, prompts included)
-        flops = {
-            "backbone": _flops(encode_with, backbone, decoder, x),
-            "decoder": sum(_flops(decoder, f) for f in per_task),
-        }
+        encoder_flops, features = _flops(encode_with, backbone, decoder, x)
+        # a task-conditioned backbone gives {task: maps} and each task is decoded from its own
+        per_task = list(features.values()) if isinstance(features, dict) else [features]
+        flops = {"backbone": encoder_flops, "decoder": sum(_flops(decoder, f)[0] for f in per_task)}
     finally:
         model.train(was_training)
     out: dict[str, float] = {}
