@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
@@ -23,6 +24,12 @@ log = logging.getLogger(__name__)
 MODEL_PREFIX = "model."  # MultiTaskModule keeps the network under `model`
 
 
+def some_keys(keys: Sequence[str], limit: int = 8) -> str:
+    """The first `limit` keys, and how many there are in all when that is more (for messages)."""
+    keys = list(keys)
+    return ", ".join(keys[:limit]) + (f", … ({len(keys)} in all)" if len(keys) > limit else "")
+
+
 @dataclass
 class WeightsReport:
     loaded: list[str] = field(default_factory=list)
@@ -32,7 +39,7 @@ class WeightsReport:
 
     def summary(self, path: str | os.PathLike, limit: int = 6) -> str:
         def some(keys: list[str]) -> str:
-            return ", ".join(keys[:limit]) + (f", … ({len(keys)} in all)" if len(keys) > limit else "")
+            return some_keys(keys, limit)
 
         parts = [f"init_from={str(path)!r}: loaded {len(self.loaded)} tensors"]
         if self.missing:
@@ -42,6 +49,20 @@ class WeightsReport:
         if self.mismatched:
             parts.append(f"kept the initialisation of {len(self.mismatched)} of another shape: {some(self.mismatched)}")
         return "; ".join(parts)
+
+
+def compare_weights(own: dict[str, Tensor], weights: dict[str, Tensor]) -> WeightsReport:
+    """Which keys of `weights` (a file's) the model state `own` lacks, which it has that the file
+    lacks, and which have another shape (`key: file (a, b), model (c, d)`); `loaded` stays empty."""
+    return WeightsReport(
+        missing=[k for k in own if k not in weights],
+        unexpected=[k for k in weights if k not in own],
+        mismatched=[
+            f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}"
+            for k, v in weights.items()
+            if k in own and tuple(v.shape) != tuple(own[k].shape)
+        ],
+    )
 
 
 def model_state_from_file(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -76,17 +97,8 @@ def load_model_weights(
     """
     weights = model_state_from_file(path)
     own = model.state_dict()
-    report = WeightsReport(
-        missing=[k for k in own if k not in weights], unexpected=[k for k in weights if k not in own]
-    )
-    to_load = {}
-    for key, value in weights.items():
-        if key not in own:
-            continue
-        if value.shape != own[key].shape:
-            report.mismatched.append(f"{key}: file {tuple(value.shape)}, model {tuple(own[key].shape)}")
-            continue
-        to_load[key] = value
+    report = compare_weights(own, weights)
+    to_load = {k: v for k, v in weights.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     if report.mismatched and not skip_mismatched:
         raise ValueError(
             f"init_from={str(path)!r}: {len(report.mismatched)} tensors have another shape in the file than in "

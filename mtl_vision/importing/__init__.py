@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from mtl_vision.engine.checkpoint import read_checkpoint
+from mtl_vision.engine.weights import compare_weights, some_keys
 from mtl_vision.errors import closest
 
 __all__ = ["SOURCES", "convert", "load_exactly", "read_state"]
@@ -31,11 +32,6 @@ __all__ = ["SOURCES", "convert", "load_exactly", "read_state"]
 SOURCES: tuple[str, ...] = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
 WRAPPERS = ("model", "state_dict", "model_state_dict", "net")  # keys under which codebases save the weights
 DDP_PREFIX = "module."
-
-
-def _some(keys: Sequence[str], limit: int = 8) -> str:
-    keys = list(keys)
-    return ", ".join(keys[:limit]) + (f", … ({len(keys)} in all)" if len(keys) > limit else "")
 
 
 def read_state(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -57,7 +53,7 @@ def read_state(path: str | os.PathLike) -> dict[str, Tensor]:
         raise ValueError(f"{name} holds no state dict (looked for a dict of tensors, or one under {list(WRAPPERS)})")
     bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if bad:
-        raise ValueError(f"{name}: entries that are not tensors, so this is no state dict: {_some(bad)}")
+        raise ValueError(f"{name}: entries that are not tensors, so this is no state dict: {some_keys(bad)}")
     if all(k.startswith(DDP_PREFIX) for k in state):
         state = {k[len(DDP_PREFIX):]: v for k, v in state.items()}
     return dict(state)
@@ -82,22 +78,16 @@ def load_exactly(model: nn.Module, weights: Mapping[str, Tensor], *, path: str |
         ValueError: naming every key the file lacks, every key the model lacks, and every key of
             another shape (with both shapes); `model` is left unchanged.
     """
-    own = model.state_dict()
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    mismatched = [
-        f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}"
-        for k, v in weights.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape)
-    ]
+    report = compare_weights(model.state_dict(), dict(weights))
+    missing, unexpected, mismatched = report.missing, report.unexpected, report.mismatched
     if missing or unexpected or mismatched:
         parts = []
         if mismatched:
-            parts.append(f"{len(mismatched)} of another shape: {_some(mismatched, 6)}")
+            parts.append(f"{len(mismatched)} of another shape: {some_keys(mismatched, 6)}")
         if missing:
-            parts.append(f"{len(missing)} that the file lacks: {_some(missing)}")
+            parts.append(f"{len(missing)} that the file lacks: {some_keys(missing)}")
         if unexpected:
-            parts.append(f"{len(unexpected)} that this model lacks: {_some(unexpected)}")
+            parts.append(f"{len(unexpected)} that this model lacks: {some_keys(unexpected)}")
         raise ValueError(
             f"file={str(path)!r} (source={source}) does not fit the configured model: "
             + "; ".join(parts)
@@ -110,6 +100,7 @@ def load_exactly(model: nn.Module, weights: Mapping[str, Tensor], *, path: str |
 def import_checkpoint(cfg, *, source: str, file: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Build the model of `cfg`, fill it from the authors' `file`, and write an mtl_vision
     checkpoint to `out` (atomically, only when every check passed). Returns `out`."""
+    import lightning
     from omegaconf import open_dict
 
     from mtl_vision.cli.build import TaskFacts, build_datamodule, build_module, run_info
@@ -127,8 +118,6 @@ def import_checkpoint(cfg, *, source: str, file: str | os.PathLike, out: str | o
     facts = TaskFacts.of(build_datamodule(cfg))
     module = build_module(cfg, facts)
     load_exactly(module.model, convert(source, state, tasks=facts.tasks), path=file, source=source)
-    import lightning
-
     checkpoint = {
         "state_dict": module.state_dict(),
         "epoch": 0,

@@ -9,8 +9,12 @@ from collections.abc import Callable, Iterable, Sequence
 
 from torch import Tensor
 
+from mtl_vision.engine.weights import some_keys
+
 AUTHORS_TASK_ORDER = ("semseg", "depth", "human_parts", "sal", "normals", "edge")
 TASK_NAMES = {"sal": "saliency"}  # theirs -> ours
+# where our Backbone keeps the timm ViT: its feature wrapper holds the model as `.model`
+VIT = "backbone.model.model."
 
 Rule = tuple[re.Pattern, Callable[[re.Match], str]]
 
@@ -58,6 +62,5 @@ def rename_keys(
         else:
             unknown.append(key)
     if unknown:
-        more = f" … ({len(unknown)} in all)" if len(unknown) > 8 else ""
-        raise ValueError(f"keys of no {what} module (not a {what} checkpoint?): {unknown[:8]}{more}")
+        raise ValueError(f"keys of no {what} module (not a {what} checkpoint?): {some_keys(unknown)}")
     return out
