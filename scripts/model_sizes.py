@@ -22,13 +22,11 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT.parent))  # mtl_vision.models.summary needs only torch
 
+from fixtures.common import OURS, TASK_SETS
+
 from mtl_vision.models.summary import flop_counter
 
 CROPS = {"nyud": (448, 576), "pascal": (512, 512)}
-TASKS = {
-    "nyud": {"semseg": 40, "depth": 1, "normals": 3, "edge": 1},
-    "pascal": {"semseg": 21, "human_parts": 7, "sal": 2, "normals": 3, "edge": 1},
-}
 
 
 def count(model: torch.nn.Module, size: tuple[int, int]) -> dict[str, float]:
@@ -50,7 +48,7 @@ def ours(experiment: str) -> torch.nn.Module:
     dataset = experiment.split("_")[1]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", "backbone.pretrained=false"])
-    channels = {{"sal": "saliency"}.get(t, t): c for t, c in TASKS[dataset].items()}
+    channels = {OURS.get(t, t): c for t, c in TASK_SETS[dataset].items()}
     facts = TaskFacts(tasks=list(channels), task_channels=channels, class_names={}, edge_tolerance=0.011)
     return build_module(cfg, facts).model
 

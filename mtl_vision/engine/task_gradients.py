@@ -100,7 +100,7 @@ class TaskGradientStep:
         gradient comes through the features."""
         inside = tuple(f"decoder.{m}." for m in getattr(getattr(self.model, "decoder", None), "encoder_modules", ()))
         self.shared_idx = [
-            i for i, n in enumerate(self.names) if self.balancer.is_shared(n) or n.startswith(inside or ("\0",))
+            i for i, n in enumerate(self.names) if self.balancer.is_shared(n) or (inside and n.startswith(inside))
         ]
         chosen = set(self.shared_idx)
         self.plain_idx = [i for i in range(len(self.params)) if i not in chosen]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from mtl_vision.importing._authors import authors_tasks, check_task_set, ours, rename_keys
+from mtl_vision.importing._authors import VIT, Rule, authors_tasks, check_task_set, ours, rename_keys
 
 # Weights of modules their forward never uses: the projection of the second-last backbone level
 # (its output is computed, never added), the first stage's attention-score fusion and width
@@ -46,22 +46,20 @@ def to_ours(state: dict[str, Tensor], *, tasks: Sequence[str]) -> dict[str, Tens
     theirs = authors_tasks(state)
     perm = task_permutation(theirs, tasks)
 
-    task = ours
-
     def index(j: str) -> str:
         return str(perm[int(j)])
 
-    rules: list[tuple[re.Pattern, object]] = [
-        (re.compile(r"backbone\.(.*)"), lambda m: f"backbone.model.model.{m[1]}"),
-        (re.compile(r"heads\.(\w+)\.linear_pred\.(.*)"), lambda m: f"decoder.heads.{task(m[1])}.{m[2]}"),
+    rules: list[Rule] = [
+        (re.compile(r"backbone\.(.*)"), lambda m: f"{VIT}{m[1]}"),
+        (re.compile(r"heads\.(\w+)\.linear_pred\.(.*)"), lambda m: f"decoder.heads.{ours(m[1])}.{m[2]}"),
         (
             re.compile(r"multi_task_decoder\.(intermediate_head|preliminary_decoder)\.(\w+)\.(.*)"),
-            lambda m: f"decoder.{m[1]}.{task(m[2])}.{m[3]}",
+            lambda m: f"decoder.{m[1]}.{ours(m[2])}.{m[3]}",
         ),
         (re.compile(r"multi_task_decoder\.scale_embed\.([01])\.(.*)"), lambda m: f"decoder.scale_embed.{m[1]}.{m[2]}"),
         (
             re.compile(r"multi_task_decoder\.invpt\.(mix_proj|mt_proj)\.(\w+)\.(.*)"),
-            lambda m: f"decoder.{m[1]}.{task(m[2])}.{m[3]}",
+            lambda m: f"decoder.{m[1]}.{ours(m[2])}.{m[3]}",
         ),
         (
             re.compile(r"multi_task_decoder\.invpt\.invpt_stages\.(\d)\.patch_embed\.(\d+)\.(.*)"),

@@ -18,9 +18,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from mtl_vision.importing._authors import TASK_NAMES
-
-BACKBONE = "backbone.model.model."  # our Backbone's timm FeatureGetterNet holds the ViT as `.model`
+from mtl_vision.importing._authors import TASK_NAMES, VIT
 
 # Weights of modules their forward never uses, present in checkpoints of their ViT-B variant
 # (models/MLoRE_vitB.py, models/MLoRE_wrapper_vitb.py): a per-task query fusion, two task
@@ -76,7 +74,7 @@ def _experts_key(match: re.Match) -> str | None:
 
 def _rename(key: str) -> str | None:
     rules: list[tuple[str, Callable[[re.Match], str | None]]] = [
-        (r"backbone\.((?:patch_embed|blocks|norm)\..*|pos_embed)", lambda m: BACKBONE + m[1]),
+        (r"backbone\.((?:patch_embed|blocks|norm)\..*|pos_embed)", lambda m: VIT + m[1]),
         (r"backbone\.fea_fuse\.(\d+)\.(.*)", lambda m: f"decoder.project.{m[1]}.{m[2]}"),
         (r"backbone\.MLoRE_([12])\.(\d+)\.(.*)", _experts_key),
         (r"backbone\.task_mask\.(\w+)\.(.*)", lambda m: f"decoder.level_gates.{_task(m[1])}.{m[2]}"),

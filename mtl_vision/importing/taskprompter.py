@@ -12,21 +12,17 @@ filled with zeros.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from mtl_vision.importing._authors import authors_tasks, check_task_set, ours, rename_keys
+from mtl_vision.importing._authors import VIT, Rule, authors_tasks, check_task_set, ours, rename_keys
 
 UNUSED: tuple[str, ...] = ()  # every saved weight takes part in their forward
-VIT = "backbone.model.model."
 
 
-_ours = ours
-
-
-RULES: list[tuple[re.Pattern, Callable[[re.Match], str]]] = [
+RULES: list[Rule] = [
     (
         re.compile(r"backbone\.blocks\.(\d+)\.attn\.token_trans\.(\w+)"),
         lambda m: f"decoder.prompter.to_pixels.{m[1]}.{m[2]}",
@@ -37,19 +33,19 @@ RULES: list[tuple[re.Pattern, Callable[[re.Match], str]]] = [
     ),
     (
         re.compile(r"backbone\.fea_decode_(spa|chan)\.(\d+)\.(\w+)\.0\.(\w+)"),
-        lambda m: f"decoder.levels.{m[2]}.{_ours(m[3])}.{'spatial' if m[1] == 'spa' else 'channel'}.{m[4]}",
+        lambda m: f"decoder.levels.{m[2]}.{ours(m[3])}.{'spatial' if m[1] == 'spa' else 'channel'}.{m[4]}",
     ),
     (
         re.compile(r"backbone\.fea_fuse\.(\d+)\.(\w+)\.(.+)"),
-        lambda m: f"decoder.levels.{m[1]}.{_ours(m[2])}.fuse.{m[3]}",
+        lambda m: f"decoder.levels.{m[1]}.{ours(m[2])}.fuse.{m[3]}",
     ),
     (
         re.compile(r"backbone\.ctr_attn_conv\.(\d+)\.(\w+)\.(.+)"),
-        lambda m: f"decoder.levels.{m[1]}.{_ours(m[2])}.reweight.{m[3]}",
+        lambda m: f"decoder.levels.{m[1]}.{ours(m[2])}.reweight.{m[3]}",
     ),
     (re.compile(r"backbone\.((?:pos_embed|patch_embed\.|blocks\.|norm\.).*)"), lambda m: f"{VIT}{m[1]}"),
-    (re.compile(r"heads\.(\w+)\.mt_proj\.(.+)"), lambda m: f"decoder.heads.{_ours(m[1])}.proj.{m[2]}"),
-    (re.compile(r"heads\.(\w+)\.linear_pred\.(\w+)"), lambda m: f"decoder.heads.{_ours(m[1])}.pred.{m[2]}"),
+    (re.compile(r"heads\.(\w+)\.mt_proj\.(.+)"), lambda m: f"decoder.heads.{ours(m[1])}.proj.{m[2]}"),
+    (re.compile(r"heads\.(\w+)\.linear_pred\.(\w+)"), lambda m: f"decoder.heads.{ours(m[1])}.pred.{m[2]}"),
 ]
 
 

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 
+from mtl_vision.models.decoders.common import resize_to
+
 __all__ = ["InvPTDecoder"]
 
 
@@ -202,18 +204,12 @@ class InvPTStage(nn.Module):
         if self.patch_embed is not None:
             maps = [embed(x) for embed, x in zip(self.patch_embed, maps)]
             if skip is not None:
-                skip = _resize(skip, maps[0].shape[-2:])
+                skip = resize_to(skip, maps[0].shape[-2:])
                 maps = [x + skip for x in maps]
         scores = previous
         for block in self.blocks:
             maps, scores = block(maps, scores)
         return maps, scores
-
-
-def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def _nearest_level(strides: Sequence[int], stride: int, from_end: int) -> int:
@@ -341,7 +337,7 @@ class InvPTDecoder(nn.Module):
 
     def forward(self, features: Sequence[Tensor]) -> dict:
         top = features[-1]
-        x = _resize(top, self._grid(top))
+        x = resize_to(top, self._grid(top))
         task_features = {t: self.preliminary_decoder[t](x) for t in self.tasks}
         preliminary = {t: self.intermediate_head[t](f) for t, f in task_features.items()}
         maps = [self.mix_proj[t](torch.cat([task_features[t], preliminary[t]], dim=1)) for t in self.tasks]
