@@ -97,8 +97,9 @@ class MultiTaskLoss(nn.Module):
     A decoder may return `"aux": {name: {task: map}}` beside the final predictions (PAD-Net's
     initial predictions, MTI-Net's per-scale ones, ...). Each aux map is scored with its task's
     loss and added, weighted, to that task's loss: the balancer then sees one loss per task, as
-    the papers' total "final + Σ auxiliary" losses are grouped per task. The unweighted parts are
-    kept in `last_aux` ({"<task>/<name>": loss}) for logging.
+    the papers' total "final + Σ auxiliary" losses are grouped per task. A task without a final
+    prediction (the decoder's `auxiliary_tasks`) is scored by its weighted aux predictions alone.
+    The unweighted parts are kept in `last_aux` ({"<task>/<name>": loss}) for logging.
     """
 
     def __init__(
@@ -128,19 +129,24 @@ class MultiTaskLoss(nn.Module):
 
     def forward(self, preds: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """preds: raw outputs at target resolution (and optional "aux"); returns {task: scalar loss}."""
-        missing = [t for t in self.tasks if t not in preds or t not in targets]
+        aux = preds.get("aux") or {}
+        weighted = {t for name, maps in aux.items() if self.aux_weights.get(name, self.aux_weight) for t in maps}
+        missing = [t for t in self.tasks if t not in targets or (t not in preds and t not in weighted)]
         if missing:
-            raise ValueError(f"MultiTaskLoss: tasks {missing} missing from predictions or targets")
-        out = {task: self._one(task, preds[task], targets[task], f"task {task!r}") for task in self.tasks}
+            raise ValueError(
+                f"MultiTaskLoss: tasks {missing} missing from the targets, or from both the final predictions and "
+                "the weighted aux predictions"
+            )
+        out = {task: self._one(task, preds[task], targets[task], f"task {task!r}") for task in self.tasks if task in preds}
         self.last_aux = {}
-        for name, maps in (preds.get("aux") or {}).items():
+        for name, maps in aux.items():
             weight = self.aux_weights.get(name, self.aux_weight)
-            unknown = [t for t in maps if t not in out]
+            unknown = [t for t in maps if t not in self.tasks]
             if unknown:
                 raise ValueError(f"aux predictions {name!r} have tasks {unknown} that are not trained ({self.tasks})")
             for task, pred in maps.items():
                 value = self._one(task, pred, targets[task], f"aux {name!r} of task {task!r}")
                 self.last_aux[f"{task}/{name}"] = value.detach()
                 if weight:
-                    out[task] = out[task] + weight * value
-        return out
+                    out[task] = out[task] + weight * value if task in out else weight * value
+        return {task: out[task] for task in self.tasks}

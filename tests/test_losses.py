@@ -91,3 +91,27 @@ def test_multitask_loss_applies_task_kwargs_and_checks_keys():
         crit({"edge": torch.zeros(1, 1, 3, 3), "depth": preds["depth"]}, targets)
     with pytest.raises(ValueError, match="unknown task"):
         MultiTaskLoss(tasks=["sementic"])
+
+
+def test_a_task_without_final_prediction_is_scored_by_its_weighted_aux_predictions():
+    """MTI-Net's auxiliary tasks (decoder.auxiliary_tasks): normals only in the deep supervision."""
+    crit = MultiTaskLoss(tasks=["depth", "normals"], aux_weights={"scale_8": 0.5})
+    depth = torch.full((1, 1, 2, 2), 3.0)
+    normals = torch.zeros(1, 3, 2, 2)
+    normals[:, 2] = 1.0
+    targets = {"depth": depth, "normals": normals}
+    off = torch.zeros(1, 3, 2, 2)
+    off[:, 0] = 1.0  # |(1,0,0) - (0,0,1)|_1 = 2 over 3 channels
+    preds = {
+        "depth": torch.ones(1, 1, 2, 2),
+        "aux": {"scale_4": {"depth": depth.clone(), "normals": off}, "scale_8": {"normals": off.clone()}},
+    }
+    out = crit(preds, targets)
+    assert list(out) == ["depth", "normals"]
+    assert out["depth"].item() == pytest.approx(2.0)  # final 2 + aux 0
+    assert out["normals"].item() == pytest.approx(2 / 3 + 0.5 * 2 / 3)
+    assert set(crit.last_aux) == {"depth/scale_4", "normals/scale_4", "normals/scale_8"}
+    # a task with neither a final nor a weighted aux prediction has no loss: refused by name
+    silent = MultiTaskLoss(tasks=["depth", "normals"], aux_weight=0.0)
+    with pytest.raises(ValueError, match=r"\['normals'\]"):
+        silent(preds, targets)

@@ -36,6 +36,20 @@ def build_delta_m(cfg: DictConfig) -> DeltaM | None:
     return DeltaM(node.get("baselines"), node.get("convention", "mtinet"), protocol=eval_protocol(cfg))
 
 
+def evaluated_tasks(cfg: DictConfig, tasks: list[str]) -> list[str]:
+    """The trained tasks that get a final prediction, metrics and pictures: all of `tasks` but the
+    decoder's `auxiliary_tasks` (supervised only through its intermediate predictions, as the
+    edges and normals of MTI-Net's and PAD-Net's NYUD runs)."""
+    auxiliary = list((cfg.get("decoder") or {}).get("auxiliary_tasks") or [])
+    unknown = [t for t in auxiliary if t not in tasks]
+    if unknown:
+        raise ValueError(f"decoder.auxiliary_tasks={auxiliary}: {unknown} are not trained (data.tasks={tasks})")
+    final = [t for t in tasks if t not in auxiliary]
+    if not final:
+        raise ValueError(f"decoder.auxiliary_tasks={auxiliary} leaves no task with a final prediction (data.tasks={tasks})")
+    return final
+
+
 def eval_protocol(cfg: DictConfig) -> str:
     """`cfg.eval.protocol` checked (mtl_vision/metrics/protocols.py); `atrc` for configs without it
     (checkpoints written before the key existed)."""
@@ -141,7 +155,7 @@ def build_module(
             edge_exact=edge_exact,
             protocol=protocol,
         )
-        for t in tasks
+        for t in evaluated_tasks(cfg, tasks)
     }
     return MultiTaskModule(
         model=MultiTaskModel(backbone=backbone, decoder=decoder),

@@ -87,7 +87,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         delta = module.delta_m
         report = markdown_report(
             metrics,
-            facts.tasks,
+            module.eval_tasks,
             name=Path(cfg.ckpt).name,
             baselines=delta.baselines if delta is not None else None,
             convention=delta.convention if delta is not None else "mtinet",
@@ -96,7 +96,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         images = len(datamodule.val_set)
         header = f"# {cfg.ckpt}\n\nsplit `{cfg.split}` of `{run_cfg.data.get('name')}`, {images} images.\n\n"
         atomic_write_text(out / f"{stem}.md", header + report)
-        print_metric_table(metrics, facts.tasks, title=f"{cfg.split}: {cfg.ckpt}", protocol=eval_protocol(run_cfg))
+        print_metric_table(metrics, module.eval_tasks, title=f"{cfg.split}: {cfg.ckpt}", protocol=eval_protocol(run_cfg))
         log.info("wrote %s and %s", out / f"{stem}.json", out / f"{stem}.md")
         if cfg.get("write_baselines"):
             path = write_baseline(run_cfg, facts.tasks, datamodule.name, metrics, source=str(cfg.ckpt))

@@ -117,7 +117,7 @@ def predict(cfg: DictConfig) -> list[Path]:
         padded = F.pad(image[None], (0, -w % pad_to, 0, -h % pad_to), mode="replicate").to(device)
         preds = module.predict_tasks(padded)
         tiles = {}
-        for task in facts.tasks:
+        for task in module.eval_tasks:
             pred = preds[task][0, ..., :h, :w]
             color = to_uint8(get_task(task).colorize(pred[None])[0])
             tiles[task] = color

@@ -22,10 +22,10 @@ def validation_keys(module: MultiTaskModule) -> list[str]:
     keys = ["val/loss"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for task in module.tasks:
-            keys.append(f"val/{task}/loss")
+        keys += [f"val/{task}/loss" for task in module.tasks]
+        for task in module.eval_tasks:
             keys += [f"val/{task}/{k}" for k in copy.deepcopy(module.metrics[task]).compute()]
-    if module.delta_m is not None and module.delta_m.covers(module.tasks):
+    if module.delta_m is not None and module.delta_m.covers(module.eval_tasks):
         keys.append(f"val/{DELTA_M_KEY}")
     return keys
 

@@ -86,6 +86,7 @@ def train(cfg: DictConfig) -> float:
         build_delta_m,
         build_module,
         build_trainer,
+        evaluated_tasks,
         resolve_monitor,
         write_baseline,
     )
@@ -104,7 +105,7 @@ def train(cfg: DictConfig) -> float:
     datamodule = build_datamodule(cfg)
     if cfg.get("write_baselines") and len(datamodule.tasks) != 1:
         raise ValueError(f"write_baselines (experiment=single_task) trains one task, got data.tasks={datamodule.tasks}")
-    resolve_monitor(cfg, datamodule.tasks, build_delta_m(cfg))
+    resolve_monitor(cfg, evaluated_tasks(cfg, datamodule.tasks), build_delta_m(cfg))
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resume_checkpoint(cfg)
     point = read_resume_point(ckpt_path, cfg, found=found_in_run_dir(cfg)) if ckpt_path is not None else None
@@ -158,12 +159,12 @@ def train(cfg: DictConfig) -> float:
         write_json(output_dir / "metrics.json", metrics)
         print_metric_table(
             metrics,
-            datamodule.tasks,
+            module.eval_tasks,
             title=f"validation ({cfg.monitor} = {metrics[cfg.monitor]:.4g})",
             protocol=eval_protocol(cfg),
         )
         log.info("metrics written to %s", output_dir / "metrics.json")
-    diverged = non_finite_results(metrics, datamodule.tasks, cfg.monitor)
+    diverged = non_finite_results(metrics, module.eval_tasks, cfg.monitor)
     if trainer.is_global_zero and cfg.get("write_baselines") and not diverged:
         path = write_baseline(cfg, datamodule.tasks, datamodule.name, metrics, source=str(output_dir))
         log.info("single-task baseline of %s written to %s", datamodule.tasks[0], path)

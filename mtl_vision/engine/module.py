@@ -88,7 +88,15 @@ class MultiTaskModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.tasks = list(loss.tasks)
-        check_task_keys(metrics, self.tasks, what="metrics")
+        # the tasks with a final prediction; the others are supervised only through the decoder's
+        # intermediate predictions (`decoder.auxiliary_tasks`) and have no metrics
+        self.eval_tasks = [t for t in self.tasks if t in metrics]
+        check_task_keys(metrics, self.eval_tasks, what="metrics")
+        if not self.eval_tasks:
+            raise ValueError(f"metrics: none of the trained tasks {self.tasks} has a metric")
+        final = getattr(model.decoder, "final_tasks", None)
+        if final is not None and list(final) != self.eval_tasks:
+            raise ValueError(f"the decoder predicts tasks {list(final)} at the end, the metrics are for {self.eval_tasks}")
         if list(balancer.tasks) != self.tasks:
             raise ValueError(f"balancer tasks {balancer.tasks} differ from loss tasks {self.tasks}")
         self.model = model
@@ -127,7 +135,7 @@ class MultiTaskModule(L.LightningModule):
     def predict_tasks(self, image: Tensor) -> dict[str, Tensor]:
         """Activated predictions in target units (labels, metres, unit normals, probabilities)."""
         raw = self.model(image)
-        return {t: get_task(t).activate(raw[t]) for t in self.tasks}
+        return {t: get_task(t).activate(raw[t]) for t in self.eval_tasks}
 
     def _step_losses(self, batch: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         preds = self.model(batch["image"])
@@ -280,19 +288,20 @@ class MultiTaskModule(L.LightningModule):
         batch_size = batch["image"].shape[0]
         for task in self.tasks:
             self.log(f"val/{task}/loss", losses[task], sync_dist=True, batch_size=batch_size)
+        for task in self.eval_tasks:
             self.metrics[task].update(get_task(task).activate(preds[task]), batch[task])
         self.log("val/loss", sum(losses.values()), sync_dist=True, batch_size=batch_size)
 
     def on_validation_epoch_end(self) -> None:
         results: dict[str, float] = {}
-        for task in self.tasks:
+        for task in self.eval_tasks:
             # compute() reduces the summed states over all processes, so every rank logs the
             # split-level value and no further sync is needed.
             for key, value in self.metrics[task].compute().items():
                 results[f"val/{task}/{key}"] = float(value)
             self.metrics[task].reset()
         if self.delta_m is not None:
-            value = self.delta_m(results, self.tasks)
+            value = self.delta_m(results, self.eval_tasks)
             if value is not None:
                 results[f"val/{DELTA_M_KEY}"] = value
         for key, value in results.items():

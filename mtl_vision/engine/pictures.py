@@ -143,14 +143,14 @@ class ValidationPictures(L.Callback):
     def draw(
         self, pl_module: L.LightningModule, sample: Mapping[str, Any], precision: Precision | None = None
     ) -> Image.Image:
-        """The grid of one sample: a row per task of `pl_module.tasks`, columns `COLUMNS`. `precision`:
+        """The grid of one sample: a row per task of `pl_module.eval_tasks`, columns `COLUMNS`. `precision`:
         the trainer's precision plugin (autocast under mixed precision, input dtype under true half)."""
         precision = precision or Precision()
         image = sample["image"]
         with precision.forward_context():
             preds = pl_module.predict_tasks(precision.convert_input(image[None].to(pl_module.device)))
-        rows = [task_tiles(task, image, sample[task], preds[task][0]) for task in pl_module.tasks]
-        labels = [[task, *COLUMNS[1:]] for task in pl_module.tasks]
+        rows = [task_tiles(task, image, sample[task], preds[task][0]) for task in pl_module.eval_tasks]
+        labels = [[task, *COLUMNS[1:]] for task in pl_module.eval_tasks]
         return tile_grid(rows, labels)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
