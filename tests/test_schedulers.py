@@ -44,3 +44,51 @@ def test_schedule_arguments_are_checked():
         poly(opt, total_steps=0)
     with pytest.raises(ValueError, match="warmup_ratio"):
         cosine(opt, total_steps=10, warmup_ratio=2.0)
+    with pytest.raises(ValueError, match="sched.every"):
+        poly(opt, total_steps=10, every="batch")
+    with pytest.raises(ValueError, match="steps per epoch"):
+        cosine(opt, total_steps=10, every="epoch")
+
+
+def test_per_epoch_schedules_hold_the_rate_of_the_epoch_start():
+    """MTI-Net's adjust_learning_rate: base * (1 - e/E)^0.9 for all of epoch e."""
+    lrs = _lrs(lambda o: poly(o, total_steps=12, steps_per_epoch=3, warmup_steps=0, every="epoch"), 12)
+    expected = [(1 - e / 4) ** 0.9 for e in range(4) for _ in range(3)]
+    assert lrs == pytest.approx(expected)
+    lrs = _lrs(lambda o: cosine(o, total_steps=12, steps_per_epoch=3, warmup_steps=0, every="epoch"), 12)
+    expected = [0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4) for _ in range(3)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_the_trainer_hands_the_steps_per_epoch_to_the_schedule(make_cfg):
+    """A real Trainer run with sched.every=epoch: 3 epochs of 2 steps, the rate set at each epoch start."""
+    import lightning as L
+
+    from mtl_vision.cli.build import build_datamodule, build_module, build_trainer
+
+    class Rates(L.Callback):
+        def __init__(self) -> None:
+            self.seen: list[float] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    cfg = make_cfg(
+        [
+            "sched=poly",
+            "sched.every=epoch",
+            "sched.warmup_steps=0",
+            "trainer.max_epochs=3",
+            "trainer.max_steps=-1",
+            "data.dataset.num_samples={train:8,val:4}",
+            "trainer.limit_val_batches=0",
+            "summary=false",
+        ]
+    )
+    module = build_module(cfg, build_datamodule(cfg))
+    trainer = build_trainer(cfg, module)
+    rates = Rates()
+    trainer.callbacks.append(rates)
+    trainer.fit(module, datamodule=build_datamodule(cfg))
+    base = float(cfg.optim.lr)
+    assert rates.seen == pytest.approx([base * (1 - e / 3) ** 0.9 for e in range(3) for _ in range(2)])

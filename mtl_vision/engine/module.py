@@ -14,6 +14,7 @@ torchmetrics' summed states).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -352,8 +353,11 @@ class MultiTaskModule(L.LightningModule):
         optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return optimizer
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        scheduler = self.scheduler_factory(optimizer, total_steps=max(total_steps, 1))
+        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        epochs = self.trainer.max_epochs
+        # optimiser steps per epoch, for schedules that change the rate once per epoch
+        per_epoch = math.ceil(total_steps / epochs) if epochs and epochs > 0 and self.trainer.max_steps < 0 else None
+        scheduler = self.scheduler_factory(optimizer, total_steps=total_steps, steps_per_epoch=per_epoch)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
