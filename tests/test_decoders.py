@@ -155,3 +155,36 @@ def test_trains_on_the_real_dataset_layouts(make_cfg, tmp_path, decoder, dataset
     assert metrics["val/semseg/mIoU"] == value
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2
+
+
+def test_hrnet_heads_are_one_hrnet_segmentation_head_per_task():
+    """decoder.head=hrnet (MTI-Net code base's baseline): per task, all levels upsampled bilinearly
+    to the finest, concatenated, 1x1 conv + BN + ReLU at the full width, 1x1 prediction."""
+    import torch.nn.functional as F
+
+    from mtl_vision.models.decoders.heads import HeadsDecoder
+
+    torch.manual_seed(0)
+    widths, strides = [4, 8, 12, 16], [4, 8, 16, 32]
+    decoder = HeadsDecoder(in_channels=widths, strides=strides, task_channels={"semseg": 5, "depth": 1}, head="hrnet")
+    for m in decoder.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+    decoder.eval()
+    maps = [torch.randn(2, c, 32 // s * 2, 32 // s * 2) for c, s in zip(widths, strides)]
+    with torch.no_grad():
+        out = decoder(maps)
+    assert set(out) == {"semseg", "depth"} and decoder.output_stride == 4
+    for task, n in (("semseg", 5), ("depth", 1)):
+        fuse, predict = decoder.heads[task][0].fuse, decoder.heads[task][1]
+        x = torch.cat([maps[0], *(F.interpolate(m, size=maps[0].shape[-2:], mode="bilinear") for m in maps[1:])], 1)
+        conv, bn = fuse[0], fuse[1]
+        y = F.relu(F.batch_norm(F.conv2d(x, conv.weight, conv.bias), bn.running_mean, bn.running_var, bn.weight, bn.bias))
+        expected = F.conv2d(y, predict.weight, predict.bias)
+        assert out[task].shape == (2, n, 16, 16)
+        torch.testing.assert_close(out[task], expected, rtol=1e-5, atol=1e-5)
+    assert sum(p.numel() for p in decoder.heads["depth"].parameters()) == 40 * 40 + 40 + 2 * 40 + 40 + 1
+    with pytest.raises(ValueError, match="decoder.head"):
+        HeadsDecoder(in_channels=widths, strides=strides, task_channels={"depth": 1}, head="aspp")
