@@ -9,6 +9,10 @@ The decoder contract (every file in conf/decoder/ builds one):
   input), optionally with `"aux": {name: {task: map}}` of intermediate predictions (deep
   supervision) whose losses are weighted by `loss.aux_weights[name]` (default `loss.aux_weight`);
 * `aux_names`: the names of the aux prediction sets it returns (empty if none);
+* optionally the constructor argument `auxiliary_tasks` (tasks of `task_channels` supervised only
+  through the aux predictions, as MTI-Net's and PAD-Net's auxiliary edges and normals) and the
+  attribute `final_tasks` (the others): the final maps are then returned for `final_tasks` only,
+  and only those tasks get metrics, pictures and `mtl-predict` outputs;
 * optionally `encode(backbone, normalised_image) -> features`, for a decoder that works inside the
   encoder (TaskPrompter's prompts join the ViT's attention): `MultiTaskModel.encode` then calls it
   instead of the backbone, `encoder_modules` names the decoder's submodules used there (gradient
@@ -31,7 +35,7 @@ from torch import Tensor, nn
 
 from mtl_vision.layers import ConvBNReLU
 
-__all__ = ["FuseScales", "ScalePyramid", "resize_to", "select_levels", "task_head"]
+__all__ = ["FuseScales", "HRNetFuse", "ScalePyramid", "resize_to", "select_levels", "task_head"]
 
 
 def resize_to(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -89,6 +93,39 @@ class FuseScales(nn.Module):
         maps = [features[i] for i in self.levels]
         size = maps[self._finest].shape[-2:]
         return self.fuse(torch.cat([resize_to(proj(m), size) for proj, m in zip(self.project, maps)], dim=1))
+
+
+class HRNetFuse(nn.Module):
+    """HRNet's segmentation fusion: every level bilinearly upsampled to the first (finest) one,
+    concatenated as they come, then a 1x1 convolution with bias + BN + ReLU at the full width
+    (no projection per level), as the `HighResolutionFuse` of MTI-Net's code base (and, with a
+    prediction layer after it, HRNet's segmentation head).
+
+    Args:
+        in_channels: channels of each level, finest first (HRNet-18: 18, 36, 72, 144).
+        out_channels: width of the fused map; default sum(in_channels) (270 for HRNet-18).
+
+    `forward(features: list of (N, in_channels[i], h_i, w_i)) -> (N, out_channels, h_0, w_0)`.
+    """
+
+    def __init__(self, in_channels: Sequence[int], out_channels: int | None = None) -> None:
+        super().__init__()
+        if not in_channels:
+            raise ValueError("HRNetFuse needs at least one level")
+        total = sum(in_channels)
+        self.in_channels = list(in_channels)
+        self.out_channels = out_channels or total
+        self.fuse = nn.Sequential(
+            nn.Conv2d(total, self.out_channels, 1),
+            nn.BatchNorm2d(self.out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, features: Sequence[Tensor]) -> Tensor:
+        if len(features) != len(self.in_channels):
+            raise ValueError(f"HRNetFuse: expected {len(self.in_channels)} levels, got {len(features)}")
+        size = features[0].shape[-2:]
+        return self.fuse(torch.cat([features[0], *(resize_to(f, size) for f in features[1:])], dim=1))
 
 
 class ScalePyramid(nn.Module):
