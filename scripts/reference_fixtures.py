@@ -20,14 +20,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-MODELS = ("invpt", "taskprompter", "mlore")
+MODELS = ("invpt", "taskprompter", "mlore", "mtlora", "padnet", "mtinet", "ctal")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", choices=MODELS)
     parser.add_argument("--repo", type=Path, required=True, help="folder of the authors' code for this model")
-    parser.add_argument("--datasets", nargs="+", default=["nyud", "pascal"], choices=["nyud", "pascal", "pascal_vitb"])
+    parser.add_argument("--datasets", nargs="+", default=["nyud", "pascal"], choices=["nyud", "pascal", "pascal_vitb", "pascal_plus", "pascal_pertask_plus", "nyud_en", "cityscapes"])
     parser.add_argument("--out", type=Path, default=ROOT.parent / "tests" / "fixtures" / "reference")
     args = parser.parse_args()
     builder = importlib.import_module(f"fixtures.{args.model}")

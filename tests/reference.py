@@ -31,13 +31,15 @@ def assert_equal_to_reference(ours: torch.Tensor, theirs: torch.Tensor, what: st
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{what}: {m}")
 
 
-def assert_activated_equal_to_reference(out: dict, record: dict, what: str) -> None:
-    """Our activation of each raw output, in the authors' `get_output` encoding, against theirs:
-    class labels exactly, the rest to 1e-5."""
+def assert_activated_equal_to_reference(out: dict, record: dict, what: str, encoding: dict | None = None) -> None:
+    """Our activation of each raw output, in the authors' `get_output` encoding (`encoding`, by
+    default the InvPT family's `AUTHORS_ENCODING`), against theirs: class labels exactly, the
+    rest to 1e-5."""
     from mtl_vision.tasks import get_task
 
+    encoding = encoding or AUTHORS_ENCODING
     for task, theirs in record["activated"].items():
-        ours = AUTHORS_ENCODING[task](get_task(task).activate(out[task]))
+        ours = encoding[task](get_task(task).activate(out[task]))
         if theirs.dtype.is_floating_point:
             assert_equal_to_reference(ours, theirs, f"{what} activated {task}")
         else:

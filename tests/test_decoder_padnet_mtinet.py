@@ -99,19 +99,40 @@ def test_padnet_shapes_aux_and_gradients(backbone):
 # ----------------------------------------------------------------------------- MTI-Net
 
 
-def test_fpm_attention_is_a_softmax_over_tasks_and_reaches_every_task():
+@pytest.mark.parametrize("softmax", ["channel_groups", "tasks"])
+def test_fpm_attention_is_a_softmax_and_reaches_every_task(softmax):
     torch.manual_seed(0)
-    fpm = FeaturePropagation(["a", "b", "c"], channels=8, se_reduction=4).eval()
+    fpm = FeaturePropagation(["a", "b", "c"], channels=8, se_reduction=4, softmax=softmax).eval()
     feats = {t: torch.randn(2, 8, 4, 5) for t in "abc"}
     out, weights = fpm(feats, return_attention=True)
-    assert weights.shape == (2, 3, 8, 4, 5)
-    torch.testing.assert_close(weights.sum(dim=1), torch.ones(2, 8, 4, 5))
+    assert weights.shape == (2, 24, 4, 5)  # one weight per channel of the concatenation
+    # channel_groups: groups of T=3 consecutive channels sum to one; tasks: the 3 tasks of a channel
+    groups = weights.unflatten(1, (8, 3)).sum(dim=2) if softmax == "channel_groups" else weights.unflatten(1, (3, 8)).sum(dim=1)
+    torch.testing.assert_close(groups, torch.ones(2, 8, 4, 5))
     # the shared representation carries task b's feature into a and c
     changed = fpm({**feats, "b": feats["b"] + 1.0})
     assert not torch.allclose(changed["a"], out["a"]) and not torch.allclose(changed["c"], out["c"])
     single = FeaturePropagation(["a"], channels=8)
     assert single.attention is None
     assert single({"a": feats["a"]}, return_attention=True)[1] is None
+    with pytest.raises(ValueError, match="fpm_softmax"):
+        FeaturePropagation(["a", "b"], channels=8, softmax="other")
+
+
+def test_fpm_channel_groups_is_the_code_bases_view_softmax():
+    """MTI-Net's code: mask = softmax(logits.view(B, C // T, T, H, W), dim=2), applied to the
+    concatenation viewed the same way: written out here by hand, channel by channel."""
+    torch.manual_seed(0)
+    fpm = FeaturePropagation(["a", "b"], channels=6, se_reduction=4).eval()
+    feats = {t: torch.randn(1, 6, 3, 2) for t in "ab"}
+    concat = torch.cat([feats["a"], feats["b"]], dim=1)
+    logits = fpm.attention(concat)
+    expected = torch.empty_like(concat)
+    for g in range(6):  # group g: channels 2g and 2g+1 of the concatenation
+        pair = logits[:, 2 * g : 2 * g + 2]
+        expected[:, 2 * g : 2 * g + 2] = pair.exp() / pair.exp().sum(dim=1, keepdim=True)
+    _, weights = fpm(feats, return_attention=True)
+    torch.testing.assert_close(weights, expected)
 
 
 def test_mtinet_propagates_coarse_information_to_finer_scales_only():
@@ -186,3 +207,63 @@ def test_configuration_errors():
     # other scale sets name their aux sets after their strides
     decoder = MTINetDecoder(**CNN, task_channels=TASKS, channels=4, scales=[8, 16], width_multipliers=[1, 2])
     assert decoder.aux_names == ("scale_8", "scale_16") and decoder.output_stride == 8
+
+
+# ----------------------------------------------------------------------------- the code base's setting
+
+HRNET = {"in_channels": [8, 16, 32, 64], "strides": [4, 8, 16, 32]}  # branches c, 2c, 4c, 8c
+
+
+def test_padnet_fuses_hrnet_branches_at_their_summed_width_and_projects_a_vit():
+    hrnet = _build(PADNetDecoder, backbone=HRNET)
+    assert hrnet.fuse_mode == "hrnet" and hrnet.fuse.out_channels == 120 and hrnet.output_stride == 4
+    # the first bottleneck narrows the fused map to `channels` through its 1x1 shortcut
+    assert hrnet.initial["depth"][0].shortcut[0].in_channels == 120
+    vit = _build(PADNetDecoder, backbone=VIT)
+    assert vit.fuse_mode == "project" and vit.output_stride == 16
+    projected = _build(PADNetDecoder, backbone=HRNET, fuse="project")
+    assert projected.fuse_mode == "project"
+    with pytest.raises(ValueError, match="decoder.fuse"):
+        _build(PADNetDecoder, fuse="other")
+
+
+def test_mtinet_reads_the_backbone_levels_when_they_have_the_scales_widths():
+    direct = _build(MTINetDecoder, backbone=HRNET)  # channels=8: widths 8/16/32/64 = the branches
+    assert direct.pyramid is None and direct.levels == [0, 1, 2, 3]
+    feats = _features(HRNET)
+    with torch.no_grad():
+        torch.testing.assert_close(direct(feats)["depth"], direct.decode(feats)["depth"])
+    assert _build(MTINetDecoder, backbone=HRNET, inputs="pyramid").pyramid is not None
+    assert _build(MTINetDecoder, backbone=CNN).pyramid is not None  # widths differ: auto -> pyramid
+    with pytest.raises(ValueError, match="decoder.inputs=levels"):
+        _build(MTINetDecoder, backbone=CNN, inputs="levels")
+
+
+@pytest.mark.parametrize("cls", [PADNetDecoder, MTINetDecoder])
+def test_auxiliary_tasks_get_only_intermediate_predictions_and_still_send(cls):
+    tasks = {"semseg": 5, "depth": 1, "normals": 3, "edge": 1}
+    decoder = _build(cls, tasks=tasks, backbone=HRNET, auxiliary_tasks=["normals", "edge"])
+    assert decoder.final_tasks == ["semseg", "depth"] and decoder.auxiliary_tasks == ["normals", "edge"]
+    assert set(decoder.heads) == {"semseg", "depth"}
+    feats = _features(HRNET)
+    with torch.no_grad():
+        out = decoder(feats)
+        assert set(out) == {"semseg", "depth", "aux"}
+        for maps in out["aux"].values():
+            assert set(maps) == set(tasks)
+        # an auxiliary task's features reach the final predictions through the distillation
+        initial = decoder.initial["normals"] if cls is PADNetDecoder else decoder.initial[0].refine["normals"]
+        handle = initial.register_forward_hook(lambda m, i, o: o + 1.0)
+        try:
+            changed = decoder(feats)
+        finally:
+            handle.remove()
+    assert not torch.allclose(changed["semseg"], out["semseg"])
+
+
+@pytest.mark.parametrize("cls", [PADNetDecoder, MTINetDecoder])
+def test_auxiliary_tasks_must_be_some_of_the_tasks(cls):
+    with pytest.raises(ValueError, match=r"decoder\.auxiliary_tasks.*not among"):
+        _build(cls, auxiliary_tasks=["saliency"])
+    with pytest.raises(ValueError, match=r"decoder\.auxiliary_tasks.*every trained task"):
+        _build(cls, auxiliary_tasks=list(TASKS))

@@ -8,7 +8,7 @@ come from the timm hub (`pretrained=True`, needs network once) or from a local f
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,11 @@ class Backbone(nn.Module):
             bicubic, as the timm 0.5 of InvPT, TaskPrompter and MLoRE). Pretrained weights also
             load into a ViT without a class token (`model_kwargs.class_token: false`, MLoRE),
             dropping the token and its position.
+        bn_momentum: momentum of every BatchNorm of the timm model; None keeps timm's (0.1). The
+            segmentation HRNet of MTI-Net/PAD-Net/CTAL trains its BatchNorms with 0.01.
+        upsample_mode: mode of every `nn.Upsample` of the timm model (HRNet's fuse layers), e.g.
+            "bilinear" (align_corners=False) as the segmentation HRNet of MTI-Net/PAD-Net/CTAL;
+            None keeps timm's ("nearest").
 
     `forward(image (N,3,H,W)) -> list[Tensor]`, map i of shape (N, channels[i], H/strides[i], W/strides[i]).
     `mean`/`std` are the normalisation the weights expect (from timm's pretrained config).
@@ -103,6 +108,8 @@ class Backbone(nn.Module):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         pos_embed_resample: str = "antialias",
+        bn_momentum: float | None = None,
+        upsample_mode: str | None = None,
     ) -> None:
         super().__init__()
         self.tasks = list(tasks) if tasks is not None else None
@@ -130,6 +137,16 @@ class Backbone(nn.Module):
             raise ValueError(
                 f"backbone.out_indices={list(out_indices or [])} is out of range for {name}: {err}"
             ) from err
+        if bn_momentum is not None and not 0 <= bn_momentum <= 1:
+            raise ValueError(f"backbone.bn_momentum={bn_momentum}: expected a number in [0, 1] or null")
+        if upsample_mode not in (None, "nearest", "bilinear", "bicubic"):
+            raise ValueError(f"backbone.upsample_mode={upsample_mode!r}: expected nearest, bilinear, bicubic or null")
+        for module in self.model.modules():
+            if bn_momentum is not None and isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = bn_momentum
+            if upsample_mode is not None and isinstance(module, nn.Upsample):
+                module.mode = upsample_mode
+                module.align_corners = None if upsample_mode == "nearest" else False
         info = self.model.feature_info
         self.channels: list[int] = list(info.channels())
         self.strides: list[int] = list(info.reduction())
@@ -196,13 +213,20 @@ class Backbone(nn.Module):
                 return list({id(p): p for p in seen}.values())
         raise ValueError(f"backbone.freeze_stages: stage {stage!r} not found in {self.name}")
 
+    # set by a PEFT scheme whose task-specific layers branch off one shared pass (MTLoRA):
+    # `task_features(backbone, normalised image) -> {task: maps}` replaces the plain forward
+    task_features: Callable[[Backbone, Tensor], dict[str, list[Tensor]]] | None = None
+
     @property
     def task_conditioned(self) -> bool:
-        """True when a module inside makes the features task-specific (MoE routers, MTLoRA)."""
-        return any(isinstance(m, TaskConditioned) for m in self.model.modules())
+        """True when the features are task-specific (MoE routers, MTLoRA's task branches)."""
+        return self.task_features is not None or any(isinstance(m, TaskConditioned) for m in self.model.modules())
 
     def forward(self, image: Tensor) -> list[Tensor] | dict[str, list[Tensor]]:
-        """Feature maps; `{task: maps}` from one pass per task when the backbone is task-conditioned."""
+        """Feature maps; `{task: maps}` from `task_features` (one shared pass with task branches)
+        or else, when the backbone is task-conditioned, from one pass per task."""
+        if self.task_features is not None:
+            return self.task_features(self, image)
         if self.task_conditioned:
             if not self.tasks:
                 raise ValueError(f"backbone {self.name} has task-conditioned layers but was built without `tasks`")

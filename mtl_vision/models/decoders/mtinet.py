@@ -1,27 +1,35 @@
 """MTI-Net: task interactions at several scales, propagated from coarse to fine, then aggregated.
 
 Vandenhende, Georgoulis, Van Gool, "MTI-Net: Multi-Scale Task Interaction Networks for Multi-Task
-Learning", ECCV 2020 (reference code: SimonVandenhende/Multi-Task-Learning-PyTorch). Going from
-the coarsest scale to the finest (strides 32, 16, 8, 4 by default):
+Learning", ECCV 2020; by default exactly as its code base computes it (SimonVandenhende/Multi-Task-
+Learning-PyTorch, models/mti_net.py on the four HRNet-18 branches). From the coarsest scale to the
+finest (strides 32, 16, 8, 4 by default):
 
 1. per task, two residual basic blocks turn the scale's map (concatenated with the task's
-   propagated feature from the coarser scale, when there is one) into a task feature, and a 1x1
-   layer into an initial prediction: aux set "scale_<stride>" (deep supervision at every scale);
+   propagated feature from the coarser scale, bilinearly upsampled, when there is one) into a task
+   feature, and a 1x1 layer into an initial prediction: the aux set "scale_<stride>" (deep
+   supervision at every scale, for every task, the auxiliary ones too);
 2. a feature propagation module (FPM) at every scale but the finest: the task features are
-   concatenated, each channel's mix over the tasks is weighted by a softmax attention over tasks
-   computed from all of them, reduced to one shared map, and handed to every task through its own
-   squeeze-and-excitation as a residual; the result is upsampled into the next finer scale;
-3. multi-modal distillation at every scale (`padnet.MultiModalDistillation`);
-4. feature aggregation: per task, the distilled features of all scales are upsampled to the finest,
-   concatenated and decoded by a 1x1 conv-BN-ReLU and a 1x1 prediction layer (HRNet head).
+   concatenated (in task order) and a non-linear function of them gives attention logits of the
+   same width; the code base softmaxes them over groups of T consecutive channels of the
+   concatenated map (its view (B, C/T, T, H, W)), which weight the concatenated features; a basic
+   block reduces the result to one shared map, handed to every task through its own
+   squeeze-and-excitation as a residual (`fpm_softmax="tasks"`: a softmax over the T tasks of
+   every channel instead, the paper's per-task reading);
+3. multi-modal distillation at every scale into the final tasks (`padnet.MultiModalDistillation`);
+4. feature aggregation: per final task, the distilled features of all scales are upsampled to the
+   finest, concatenated and decoded by a 1x1 conv (with bias) + BN + ReLU and a 1x1 prediction
+   layer (HRNet's segmentation head, `HRNetFuse` + conv).
 
-The per-scale maps come from `ScalePyramid`, so the decoder runs on any backbone (a ViT's
-stride-16 levels are resampled); the task width at scale i is `channels * width_multipliers[i]`,
-by default 18/36/72/144 as the HRNet-18 branches the paper builds on.
+The scales' maps are the backbone levels themselves when the backbone has levels at the scales'
+strides with the configured widths (HRNet-18's branches 18/36/72/144 with the defaults), as in the
+code base; otherwise `ScalePyramid` builds them (a projection per level on other CNNs, a resampled
+pyramid on a ViT's stride-16 levels). The width of scale i is `channels * width_multipliers[i]`.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from itertools import pairwise
 
@@ -29,10 +37,13 @@ import torch
 from torch import Tensor, nn
 
 from mtl_vision.layers import ConvBNReLU, shortcut
-from mtl_vision.models.decoders.common import ScalePyramid, resize_to
-from mtl_vision.models.decoders.padnet import MultiModalDistillation
+from mtl_vision.models.decoders.common import HRNetFuse, ScalePyramid, resize_to
+from mtl_vision.models.decoders.padnet import MultiModalDistillation, final_tasks_of
 
 __all__ = ["BasicBlock", "FeaturePropagation", "MTINetDecoder", "SqueezeExcitation"]
+
+FPM_SOFTMAX = ("channel_groups", "tasks")
+INPUTS = ("auto", "levels", "pyramid")
 
 
 class BasicBlock(nn.Module):
@@ -56,12 +67,16 @@ class BasicBlock(nn.Module):
 
 
 class SqueezeExcitation(nn.Module):
-    """Channel re-weighting: x * sigmoid(MLP(global average of x)), hidden width channels // reduction."""
+    """Channel re-weighting: x * sigmoid(MLP(global average of x)), Linear layers with bias, hidden
+    width channels // reduction. Below `reduction` channels that is 0, as in the code base's SEBlock:
+    the weights are then sigmoid(bias) of the second layer, one learned number per channel."""
 
     def __init__(self, channels: int, reduction: int = 16) -> None:
         super().__init__()
-        hidden = max(1, channels // reduction)
-        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels))
+        hidden = channels // reduction
+        with warnings.catch_warnings():  # a zero-width layer has nothing to initialise
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors", UserWarning)
+            self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels))
 
     def forward(self, x: Tensor) -> Tensor:
         weights = torch.sigmoid(self.mlp(x.mean(dim=(2, 3))))
@@ -72,21 +87,30 @@ class FeaturePropagation(nn.Module):
     """FPM: a shared map distilled from all task features, given back to each task through its own SE.
 
     Args:
-        tasks: task names.
-        channels: width of every task feature.
+        tasks: task names; their order is the order of concatenation.
+        channels: width C of every task feature.
         se_reduction: reduction of the per-task squeeze-and-excitation.
+        softmax: how the attention logits (T*C channels) become weights of the concatenated
+            features: "channel_groups" (the code base: a softmax over each group of T consecutive
+            channels) or "tasks" (a softmax over the T tasks of each channel).
 
-    With T tasks the concatenated features (T*channels) pass a non-linear function (two basic
-    blocks at a quarter of the width, a 1x1 layer back to T*channels) whose output, softmaxed over
-    the T tasks for every channel and pixel, weights the task features; the weighted concatenation
-    is reduced to `channels` by a basic block (with one task there is nothing to weigh, only the
-    reduction). `forward({task: (N, channels, H, W)})` returns {task: feature + SE_task(shared)},
-    with `return_attention` also the softmax weights (N, T, channels, H, W) (None with one task).
+    With T tasks the concatenated features (T*C) pass a non-linear function (two basic blocks at a
+    quarter of the width, a 1x1 layer back to T*C) whose softmaxed output weights them; the
+    weighted concatenation is reduced to C by a basic block (with one task there is nothing to
+    weigh, only the reduction). `forward({task: (N, C, H, W)})` returns {task: feature +
+    SE_task(shared)}, with `return_attention` also the weights (N, T*C, H, W), one per channel of
+    the concatenation (None with one task).
     """
 
-    def __init__(self, tasks: Sequence[str], channels: int, se_reduction: int = 16) -> None:
+    def __init__(
+        self, tasks: Sequence[str], channels: int, se_reduction: int = 16, softmax: str = "channel_groups"
+    ) -> None:
         super().__init__()
+        if softmax not in FPM_SOFTMAX:
+            raise ValueError(f"decoder.fpm_softmax must be one of {FPM_SOFTMAX}, got {softmax!r}")
         self.tasks = list(tasks)
+        self.softmax = softmax
+        self.channels = channels
         shared = channels * len(self.tasks)
         self.attention: nn.Module | None = None
         if len(self.tasks) > 1:
@@ -100,12 +124,16 @@ class FeaturePropagation(nn.Module):
     def forward(
         self, features: Mapping[str, Tensor], return_attention: bool = False
     ) -> dict[str, Tensor] | tuple[dict[str, Tensor], Tensor | None]:
-        stacked = torch.stack([features[t] for t in self.tasks], dim=1)  # (N, T, C, H, W)
-        concat = stacked.flatten(1, 2)
+        concat = torch.cat([features[t] for t in self.tasks], dim=1)  # (N, T*C, H, W)
         weights = None
         if self.attention is not None:
-            weights = self.attention(concat).view_as(stacked).softmax(dim=1)
-            concat = (weights * stacked).flatten(1, 2)
+            logits = self.attention(concat)
+            t, c = len(self.tasks), self.channels
+            if self.softmax == "channel_groups":
+                weights = logits.unflatten(1, (c, t)).softmax(dim=2).flatten(1, 2)
+            else:
+                weights = logits.unflatten(1, (t, c)).softmax(dim=1).flatten(1, 2)
+            concat = weights * concat
         shared = self.reduce(concat)
         out = {t: features[t] + self.excite[t](shared) for t in self.tasks}
         return (out, weights) if return_attention else out
@@ -126,6 +154,8 @@ class _InitialPrediction(nn.Module):
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         features, preds = {}, {}
         for t, refine in self.refine.items():
+            # the code base upsamples by scale_factor=2; on the sizes where it runs (input sides
+            # divisible by the coarsest stride) that is this resize to the finer map's size
             inp = x if propagated is None else torch.cat([x, resize_to(propagated[t], x.shape[-2:])], dim=1)
             features[t] = refine(inp)
             preds[t] = self.predict[t](features[t])
@@ -141,13 +171,21 @@ class MTINetDecoder(nn.Module):
         task_channels: output channels per task.
         channels: task feature width at the finest scale.
         width_multipliers: width of scale i = channels * width_multipliers[i] (default 1, 2, 4, 8:
-            with channels=18 the HRNet-18 widths 18/36/72/144 of the paper).
+            with channels=18 the HRNet-18 widths 18/36/72/144).
         scales: strides of the scales, finest first (4, 8, 16, 32); the aux sets are "scale_<stride>".
         se_reduction: reduction of the FPM's squeeze-and-excitation (16).
-        gate: attention of the distillation, "self" (PAD-Net) or "source" (MTI-Net's code).
+        gate: attention of the distillation, "source" (the code base) or "self" (PAD-Net's paper).
+        fpm_softmax: "channel_groups" (the code base) or "tasks", see `FeaturePropagation`.
+        inputs: where the scales' maps come from: "levels" (the backbone levels of the scales'
+            strides, which must have the scales' widths: the code base on HRNet's branches),
+            "pyramid" (`ScalePyramid`, projected and resampled to the widths), "auto" (levels when
+            the backbone has them, else pyramid).
+        auxiliary_tasks: tasks of `task_channels` with only per-scale initial predictions (deep
+            supervision, FPM and distillation senders), no final prediction.
 
-    `forward(features)` returns {task: (N, task_channels[task], H/scales[0], W/scales[0])} and
-    "aux": {"scale_<s>": {task: initial prediction at stride s}} for every scale.
+    `forward(features)` returns {task: (N, task_channels[task], H/scales[0], W/scales[0])} for each
+    of `final_tasks` and "aux": {"scale_<s>": {task: initial prediction at stride s}} for every
+    scale and task.
     """
 
     aux_names: tuple[str, ...] = ("scale_4", "scale_8", "scale_16", "scale_32")
@@ -162,7 +200,10 @@ class MTINetDecoder(nn.Module):
         width_multipliers: Sequence[int] = (1, 2, 4, 8),
         scales: Sequence[int] = (4, 8, 16, 32),
         se_reduction: int = 16,
-        gate: str = "self",
+        gate: str = "source",
+        fpm_softmax: str = "channel_groups",
+        inputs: str = "auto",
+        auxiliary_tasks: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if not task_channels:
@@ -172,15 +213,30 @@ class MTINetDecoder(nn.Module):
             raise ValueError(f"decoder.scales must be strictly increasing strides, got {scales}")
         if len(width_multipliers) != len(scales):
             raise ValueError(f"decoder.width_multipliers {list(width_multipliers)} needs one entry per scale {scales}")
+        if inputs not in INPUTS:
+            raise ValueError(f"decoder.inputs must be one of {INPUTS}, got {inputs!r}")
         self.tasks = list(task_channels)
+        self.final_tasks = final_tasks_of(task_channels, auxiliary_tasks)
+        self.auxiliary_tasks = [t for t in self.tasks if t not in self.final_tasks]
         self.scales = scales
         self.output_stride = scales[0]
         self.aux_names = tuple(f"scale_{s}" for s in scales)
         self.widths = [channels * int(m) for m in width_multipliers]
-        # one single-stride pyramid per scale, each with its own width
-        self.pyramid = nn.ModuleList(
-            ScalePyramid(in_channels, strides, w, out_strides=[s]) for s, w in zip(scales, self.widths)
-        )
+        levels = _levels_at(in_channels, strides, scales, self.widths)
+        if inputs == "levels" and levels is None:
+            raise ValueError(
+                f"decoder.inputs=levels needs backbone levels at strides {scales} with widths {self.widths} "
+                f"(decoder.channels * decoder.width_multipliers); the backbone has strides {list(strides)}, "
+                f"channels {list(in_channels)}"
+            )
+        if inputs == "pyramid" or levels is None:
+            self.levels: list[int] | None = None
+            # one single-stride pyramid per scale, each with its own width
+            self.pyramid: nn.ModuleList | None = nn.ModuleList(
+                ScalePyramid(in_channels, strides, w, out_strides=[s]) for s, w in zip(scales, self.widths)
+            )
+        else:
+            self.levels, self.pyramid = levels, None
         last = len(scales) - 1
         self.initial = nn.ModuleList(
             _InitialPrediction(w + (self.widths[i + 1] if i < last else 0), w, task_channels)
@@ -188,22 +244,26 @@ class MTINetDecoder(nn.Module):
         )
         # FPM at every scale but the finest, feeding the next finer one
         self.fpm = nn.ModuleDict(
-            {f"scale_{s}": FeaturePropagation(self.tasks, w, se_reduction) for s, w in zip(scales[1:], self.widths[1:])}
+            {
+                f"scale_{s}": FeaturePropagation(self.tasks, w, se_reduction, softmax=fpm_softmax)
+                for s, w in zip(scales[1:], self.widths[1:])
+            }
         )
-        self.distill = nn.ModuleList(MultiModalDistillation(self.tasks, w, gate=gate) for w in self.widths)
+        self.distill = nn.ModuleList(
+            MultiModalDistillation(self.tasks, w, gate=gate, receivers=self.final_tasks) for w in self.widths
+        )
         total = sum(self.widths)
         self.heads = nn.ModuleDict(
-            {
-                t: nn.Sequential(ConvBNReLU(total, total, kernel_size=1), nn.Conv2d(total, n, 1))
-                for t, n in task_channels.items()
-            }
+            {t: nn.Sequential(HRNetFuse(self.widths), nn.Conv2d(total, task_channels[t], 1)) for t in self.final_tasks}
         )
 
     def forward(self, features: Sequence[Tensor]) -> dict:
+        if self.pyramid is None:
+            return self.decode([features[i] for i in self.levels])
         return self.decode([pyramid(features)[0] for pyramid in self.pyramid])
 
     def decode(self, maps: Sequence[Tensor]) -> dict:
-        """The decoder after the pyramid: `maps[i]` is (N, widths[i], H/scales[i], W/scales[i])."""
+        """The decoder after its inputs: `maps[i]` is (N, widths[i], H/scales[i], W/scales[i])."""
         task_features: list[dict[str, Tensor]] = [{} for _ in self.scales]
         aux: dict[str, dict[str, Tensor]] = {}
         propagated = None
@@ -212,9 +272,20 @@ class MTINetDecoder(nn.Module):
             if i > 0:
                 propagated = self.fpm[f"scale_{self.scales[i]}"](task_features[i])
         distilled = [distill(f) for distill, f in zip(self.distill, task_features)]
-        out: dict = {}
-        for t in self.tasks:
-            size = distilled[0][t].shape[-2:]
-            out[t] = self.heads[t](torch.cat([resize_to(d[t], size) for d in distilled], dim=1))
+        out: dict = {t: self.heads[t]([d[t] for d in distilled]) for t in self.final_tasks}
         out["aux"] = {name: aux[name] for name in self.aux_names}
         return out
+
+
+def _levels_at(
+    in_channels: Sequence[int], strides: Sequence[int], scales: Sequence[int], widths: Sequence[int]
+) -> list[int] | None:
+    """Indices of the backbone levels with each scale's stride and width (the last such level of
+    a stride), or None when some scale has none."""
+    found = []
+    for s, w in zip(scales, widths):
+        matches = [i for i, (c, r) in enumerate(zip(in_channels, strides)) if r == s and c == w]
+        if not matches:
+            return None
+        found.append(matches[-1])
+    return found
