@@ -35,17 +35,22 @@ def depth_l1(raw: Tensor, target: Tensor) -> Tensor:
     return _masked_mean((raw.float() - target).abs(), valid)
 
 
-def normals_l1(raw: Tensor, target: Tensor, channels: str = "mean") -> Tensor:
+def normals_loss(raw: Tensor, target: Tensor, distance: str = "l1", channels: str = "mean") -> Tensor:
     """raw (N,3,H,W) unnormalised, target (N,3,H,W) unit vectors, all-zero = invalid.
 
-    The L1 distance of the unit prediction to the target per valid pixel, averaged over pixels;
-    `channels` says how a pixel's three absolute differences combine: "mean" (MTI-Net's loss) or
-    "sum" (ATRC's and InvPT's, three times larger).
+    A distance of the unit prediction to the target per valid pixel, averaged over pixels:
+    `distance="l1"`, the L1 distance, whose three absolute differences `channels` combines as
+    "mean" (MTI-Net's loss) or "sum" (ATRC's and InvPT's, three times larger); `distance="cosine"`,
+    1 - the dot product (MTAN's and EMA-Net/CTAL's loss; `channels` unused).
     """
+    if distance not in ("l1", "cosine"):
+        raise ValueError(f"loss.task_kwargs.normals.distance={distance!r}: expected 'l1' or 'cosine'")
     if channels not in ("mean", "sum"):
         raise ValueError(f"loss.task_kwargs.normals.channels={channels!r}: expected 'mean' or 'sum'")
     pred = F.normalize(raw.float(), dim=1, eps=1e-6)
     valid = (target.abs().sum(dim=1, keepdim=True) > 0).float()
+    if distance == "cosine":
+        return 1.0 - _masked_mean((pred * target.float()).sum(dim=1, keepdim=True), valid)
     per_pixel = (pred - target).abs().sum(dim=1, keepdim=True)
     return _masked_mean(per_pixel, valid) / (3.0 if channels == "mean" else 1.0)
 

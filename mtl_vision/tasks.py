@@ -166,7 +166,7 @@ TASKS: dict[str, TaskSpec] = {
     "normals": TaskSpec(
         name="normals",
         channels=3,
-        loss=losses.normals_l1,
+        loss=losses.normals_loss,
         metric=lambda *, protocol=DEFAULT_PROTOCOL, **_: NormalMetrics(protocol=protocol),
         primary="mean",
         lower_is_better=True,

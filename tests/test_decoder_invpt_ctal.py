@@ -25,7 +25,9 @@ def _invpt(tasks=TASKS, backbone=VIT, **kwargs) -> InvPTDecoder:
 
 def _ctal(tasks=TASKS, backbone=CNN, **kwargs) -> CTALDecoder:
     torch.manual_seed(0)
-    return CTALDecoder(**backbone, task_channels=tasks, **{"channels": 16, "grid": [8, 10], **kwargs})
+    return CTALDecoder(
+        **backbone, task_channels=tasks, **{"channels": 16, "affinity_channels": 8, "grid": [16, 20], **kwargs}
+    )
 
 
 # ---------------------------------------------------------------- InvPT
@@ -158,11 +160,29 @@ def test_ctal_fusion_resamples_its_weights_to_other_grids():
 def test_ctal_decoder_outputs_and_parameter_formula():
     decoder = _ctal()
     out = decoder(random_features(CNN, (64, 80)))
-    assert out["semseg"].shape == (2, 5, 16, 20)  # stride 8 affinities, final at stride 4
-    assert out["aux"]["initial"]["depth"].shape == (2, 1, 8, 10)
-    assert sum(p.numel() for p in decoder.fusion.parameters()) == 8 * 10 * (len(TASKS) * 9 + 1)
+    assert out["semseg"].shape == (2, 5, 32, 40)  # affinities on the fused stride-4 map, final at stride 2
+    assert out["aux"]["initial"]["depth"].shape == (2, 1, 16, 20)
+    assert sum(p.numel() for p in decoder.fusion.parameters()) == 16 * 20 * (len(TASKS) * 9 + 1)
+    # the authors' full-width fusion of all four levels: 4 + 8 + 16 + 32 channels
+    assert decoder.fuse.out_channels == 60 and decoder.levels == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="gamma"):
         _ctal(gamma=0.0)
+
+
+def test_ctal_variants_stride_mean_propagation_and_projected_fuse():
+    features = random_features(CNN, (64, 80))
+    coarse = _ctal(stride=8, grid=[8, 10], fuse="project")
+    out = coarse(features)
+    assert out["semseg"].shape == (2, 5, 16, 20) and out["aux"]["initial"]["depth"].shape == (2, 1, 8, 10)
+    # "mean" divides the propagated messages by the number of positions
+    plain, mean = _ctal().eval(), _ctal(propagation="mean").eval()
+    plain.record_intermediates = mean.record_intermediates = True
+    with torch.no_grad():
+        plain(features), mean(features)
+    torch.testing.assert_close(mean.last_intermediates["fused_affinity"] * 320, plain.last_intermediates["fused_affinity"])
+    for bad, match in (({"fuse": "dense"}, "fuse"), ({"propagation": "max"}, "propagation"), ({"grid": [0, 4]}, "grid")):
+        with pytest.raises(ValueError, match=match):
+            _ctal(**bad)
 
 
 def test_ctal_propagation_mixes_tasks():

@@ -32,17 +32,19 @@ def test_depth_l1_on_valid_pixels_only():
     assert losses.depth_l1(raw, target).item() == pytest.approx((1.0 + 2.0) / 2)
 
 
-def test_normals_l1_normalises_prediction_and_masks_invalid():
+def test_normals_loss_normalises_prediction_and_masks_invalid():
     raw = torch.tensor([[[[2.0, 0.0]], [[0.0, 0.0]], [[0.0, 7.0]]]])  # (1,3,1,2): +x (scaled), +z
     target = torch.tensor([[[[1.0, 0.0]], [[0.0, 0.0]], [[0.0, 0.0]]]])  # pixel 1 invalid (all zero)
-    assert losses.normals_l1(raw, target).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.normals_loss(raw, target).item() == pytest.approx(0.0, abs=1e-6)
     target_y = torch.tensor([[[[0.0, 0.0]], [[1.0, 0.0]], [[0.0, 0.0]]]])
     # |(1,0,0) - (0,1,0)|_1 = 2 over 3 channels of the one valid pixel
-    assert losses.normals_l1(raw, target_y).item() == pytest.approx(2.0 / 3.0, abs=1e-6)
+    assert losses.normals_loss(raw, target_y).item() == pytest.approx(2.0 / 3.0, abs=1e-6)
     # ATRC / InvPT: the three channels' differences summed per pixel
-    assert losses.normals_l1(raw, target_y, channels="sum").item() == pytest.approx(2.0, abs=1e-6)
+    assert losses.normals_loss(raw, target_y, channels="sum").item() == pytest.approx(2.0, abs=1e-6)
     with pytest.raises(ValueError, match="channels"):
-        losses.normals_l1(raw, target_y, channels="median")
+        losses.normals_loss(raw, target_y, channels="median")
+    with pytest.raises(ValueError, match="distance"):
+        losses.normals_loss(raw, target_y, distance="angle")
 
 
 def test_balanced_bce_matches_its_formula():
@@ -115,3 +117,15 @@ def test_a_task_without_final_prediction_is_scored_by_its_weighted_aux_predictio
     silent = MultiTaskLoss(tasks=["depth", "normals"], aux_weight=0.0)
     with pytest.raises(ValueError, match=r"\['normals'\]"):
         silent(preds, targets)
+
+
+def test_cosine_normals_loss_is_one_minus_the_mean_dot_product_over_valid_pixels():
+    """EMA-Net's (and MTAN's) normals loss: 1 - sum(pred_unit . gt * mask) / valid pixels."""
+    torch.manual_seed(0)
+    raw = torch.randn(2, 3, 4, 5)
+    target = torch.nn.functional.normalize(torch.randn(2, 3, 4, 5), dim=1)
+    target[0, :, 1, 2] = 0.0  # invalid
+    mask = (target.sum(dim=1, keepdim=True) != 0).float()
+    unit = raw / raw.norm(dim=1, keepdim=True)
+    expected = 1 - ((unit * target) * mask).sum() / mask.sum()
+    assert losses.normals_loss(raw, target, distance="cosine").item() == pytest.approx(expected.item(), abs=1e-6)

@@ -1,34 +1,41 @@
-"""CTAL: cross-task affinity learning with position-grouped convolutions.
+"""CTAL: cross-task affinity learning with position-grouped convolutions (EMA-Net).
 
-After Sinodinos & Armanfard, "Cross-Task Affinity Learning for Multitask Dense Scene Predictions"
-(WACV 2025, arXiv 2401.11124; the EMA-Net code).
+Sinodinos & Armanfard, "Cross-Task Affinity Learning for Multitask Dense Scene Predictions"
+(WACV 2025, arXiv 2401.11124, first titled "EMA-Net"). By default this computes the `EMANet` of
+the authors' code (Armanfard-Lab/EMA-Net, `models/emanet.py`, with `backbone_kwargs.fuse_hrnet`),
+layer for layer:
 
-1. Shared features: the backbone levels of stride >= `stride` fused (HRNet-style), resampled to
-   stride `stride` where the backbone has no such level (ViT).
-2. Initial predictions: per task two conv blocks give the task's features, a 1x1 conv its initial
-   prediction (deep supervision, aux set "initial").
-3. Task affinity matrices: each task's features are projected (1x1) to `affinity_channels`,
-   L2-normalised at every position and multiplied with themselves: A_t = F_t^T F_t, the (P, P)
-   cosine similarities of all pairs of the P = h*w positions (a Gram matrix: symmetric, unit
-   diagonal). Row p of A_t, seen as an (h, w) map, is how much every position resembles p for task t.
-4. Cross-task fusion: the T tasks' maps of the same query position are interleaved (channel
-   p*T + t) and fused by a convolution with one group per query position, so each group mixes only
-   the T affinity patterns of its own position (T*k*k weights per position instead of the
-   (T*P)*k*k of a dense convolution): P*(T*k*k + 1) parameters. The result is one cross-task
+1. Shared map (`HRNetFuse`): the backbone levels of stride >= `min_stride` bilinearly upsampled to
+   the finest of them, concatenated at their full width (270 channels for HRNet-18), a 1x1
+   convolution with bias, BN, ReLU.
+2. Initial predictions: per task two residual bottlenecks (width `channels`, 256; a 1x1 conv + BN
+   shortcut where the width changes) give the task's features F_t, a 1x1 conv its initial
+   prediction (aux set "initial", deep supervision).
+3. Task affinities: per task a 1x1 conv (with bias) to `affinity_channels` (128), the features
+   L2-normalised over the channels at every position and multiplied with themselves:
+   A_t = F_t^T F_t, the (P, P) cosine similarities of all pairs of the P = h*w positions.
+4. Cross-task fusion: the T tasks' rows of the same query position are interleaved (channel
+   p*T + t, row p of A_t seen as an (h, w) map over the key positions) and fused by a k x k
+   convolution with one group per query position: P*(T*k*k + 1) parameters, one cross-task
    affinity M of shape (P, P).
-5. Propagation: each task's value projection (3x3) is spread by M, out_t(p) = sum_q M[p, q] v_t(q)
-   / P, and blended with the task's features: (1 - gamma) F_t + gamma out_t.
-6. Final predictions: per task a transposed conv upsamples x2 (as the reference) and a head predicts.
+5. Propagation: per task a 3x3 value projection (with bias) v_t of the conv-in features is spread
+   by M, out_t(p) = sum_q M[p, q] v_t(q), and blended: gamma * out_t + (1 - gamma) * F_t.
+6. Final predictions: per task a 2x2 stride-2 transposed conv, BN, ReLU, 3x3 conv (features at
+   half the stride), then two bottlenecks and a 1x1 prediction layer.
 
-The grouped convolution has weights per query position, so it is defined on a reference grid
-(`grid`, the feature size of the training crop). On another grid its weights and biases, viewed as
-maps over the query positions, are resampled bilinearly (antialiased), as ViTs resample position
-embeddings; on the reference grid it is exactly the paper's grouped convolution. The propagation
-divides by the number of positions P (the reference sums) so the scale does not depend on the grid.
+The grouped convolution has weights per query position, so it is defined on the grid of the
+training crop (`grid`; the authors take their TRAIN.SCALE // 4). The authors' model cannot run on
+another grid; here its weights and biases, viewed as maps over the query positions, are then
+resampled bilinearly (antialiased), as ViTs resample position embeddings (our extension: on the
+reference grid it is exactly their grouped convolution).
 
-Memory: the affinities take N*T*P^2 floats (P = H*W / stride^2). At 448x576, stride 8 gives
-P = 4032 (65 MB per task and image in fp32); stride 4, the reference's choice at 288x384, would
-give P = 16128 (1 GB per task and image).
+Our variants (named options, never the default): `stride` runs the affinities on a coarser (or
+finer) grid than the fused map's, `propagation="mean"` divides the propagation by P so its scale
+does not depend on the grid, `fuse="project"` fuses the levels with `FuseScales` (per-level 1x1
+projections to `channels`, then a 3x3 conv) instead of at full width, e.g. for wide ViT levels.
+
+Memory: the affinities take N*T*P^2 floats. At 288x384 and stride 4 (the authors' NYUv2 setting)
+P = 6912: 191 MB per task and image in fp32; at 448x576, stride 4 would give P = 16128 (1 GB).
 """
 
 from __future__ import annotations
@@ -40,10 +47,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtl_vision.layers import ConvBNReLU
-from mtl_vision.models.decoders.common import FuseScales, resize_to, task_head
+from mtl_vision.models.decoders.common import FuseScales, HRNetFuse, resize_to, select_levels
+from mtl_vision.models.decoders.padnet import Bottleneck
 
 __all__ = ["AffinityFusion", "CTALDecoder", "task_affinities"]
+
+FUSES = ("hrnet", "project")
+PROPAGATIONS = ("sum", "mean")
 
 
 def task_affinities(features: Sequence[Tensor]) -> Tensor:
@@ -54,7 +64,7 @@ def task_affinities(features: Sequence[Tensor]) -> Tensor:
     """
     x = torch.stack([f.flatten(2) for f in features], dim=1)  # (N, T, C, P)
     x = F.normalize(x, dim=2)
-    return torch.einsum("ntcp,ntcq->ntpq", x, x)
+    return x.transpose(-1, -2) @ x
 
 
 class AffinityFusion(nn.Module):
@@ -70,7 +80,9 @@ class AffinityFusion(nn.Module):
     def __init__(self, num_tasks: int, grid: Sequence[int], kernel_size: int = 3) -> None:
         super().__init__()
         if len(grid) != 2 or min(grid) < 1:
-            raise ValueError(f"ctal: grid must be [height, width] of positive sizes, got {list(grid)}")
+            raise ValueError(f"decoder.grid must be [height, width] of positive sizes, got {list(grid)}")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"decoder.kernel_size must be odd and positive, got {kernel_size}")
         self.num_tasks, self.grid = num_tasks, (int(grid[0]), int(grid[1]))
         positions = self.grid[0] * self.grid[1]
         self.conv = nn.Conv2d(num_tasks * positions, positions, kernel_size, padding=kernel_size // 2, groups=positions)
@@ -100,24 +112,33 @@ class AffinityFusion(nn.Module):
         return fused.reshape(n, p, p)
 
 
+def _bottlenecks(in_channels: int, channels: int) -> list[nn.Module]:
+    """Two residual bottlenecks (ResNet's, width `channels`, inner width channels // 4)."""
+    return [Bottleneck(in_channels, channels), Bottleneck(channels, channels)]
+
+
 class CTALDecoder(nn.Module):
-    """CTAL decoder (see the module docstring).
+    """CTAL / EMA-Net decoder (see the module docstring).
 
     Args:
         in_channels, strides: of the backbone levels.
-        task_channels: output channels per task.
-        channels: width of the shared and initial task features (the paper: 256).
+        task_channels: output channels per task; their order is the order of the tasks in the
+            fusion's interleaved channels.
+        channels: width of the initial task features (the authors: 256).
         affinity_channels: width of the features whose affinities are taken and propagated
-            (the paper: 128; default channels // 2).
-        stride: stride of the initial predictions and of the affinities; the final predictions
-            are at stride / 2.
-        grid: reference size (h, w) of the affinity grid, on which the grouped convolution has its
-            own weights per position; the feature size of the training crop at `stride`.
-        kernel_size: spatial kernel of the grouped fusion convolution.
-        gamma: blend of the propagated features, (1 - gamma) F + gamma out (the paper: 0.05).
+            (the authors: 128); None: channels // 2.
+        grid: (h, w) of the affinity grid on which the grouped fusion has its own weights per
+            position: the feature size of the training crop (the authors: crop // 4).
+        gamma: blend of the propagated features, gamma * out + (1 - gamma) * F (the authors: 0.05).
+        kernel_size: spatial kernel of the grouped fusion convolution (the authors: 3).
+        min_stride: the backbone levels of at least this stride are fused (HRNet: all four).
+        fuse: "hrnet" (the authors' full-width fusion) or "project" (`FuseScales` to `channels`).
+        stride: stride of the affinity grid; None (the authors) keeps the fused map's, else the
+            shared map is resized (bilinearly) to the image size / `stride` first.
+        propagation: "sum" (the authors) or "mean" (divided by the number of positions).
 
-    `forward(features)` returns {task: (N, C_t, ~H*2/stride, ~W*2/stride)} and
-    `"aux": {"initial": {task: (N, C_t, H/stride, W/stride)}}`.
+    `forward(features)` returns {task: (N, C_t, 2h, 2w)} and `"aux": {"initial": {task:
+    (N, C_t, h, w)}}`, where (h, w) is the affinity grid of the input.
     """
 
     aux_names: tuple[str, ...] = ("initial",)
@@ -130,30 +151,46 @@ class CTALDecoder(nn.Module):
         task_channels: Mapping[str, int],
         channels: int = 256,
         affinity_channels: int | None = None,
-        stride: int = 8,
-        grid: Sequence[int] = (56, 72),
-        kernel_size: int = 3,
+        grid: Sequence[int] = (72, 96),
         gamma: float = 0.05,
+        kernel_size: int = 3,
+        min_stride: int = 4,
+        fuse: str = "hrnet",
+        stride: int | None = None,
+        propagation: str = "sum",
     ) -> None:
         super().__init__()
         if not task_channels:
             raise ValueError("ctal: no tasks")
         if not 0.0 < gamma <= 1.0:
             # gamma = 0 would leave the fusion and value convolutions without gradient
-            raise ValueError(f"ctal: gamma must lie in (0, 1], got {gamma}")
-        if stride < 2 or stride % 2:
-            raise ValueError(f"ctal: stride must be even (final predictions at stride / 2), got {stride}")
+            raise ValueError(f"decoder.gamma must lie in (0, 1], got {gamma}")
+        if fuse not in FUSES:
+            raise ValueError(f"decoder.fuse={fuse!r}: expected one of {FUSES}")
+        if propagation not in PROPAGATIONS:
+            raise ValueError(f"decoder.propagation={propagation!r}: expected one of {PROPAGATIONS}")
+        if stride is not None and stride < 1:
+            raise ValueError(f"decoder.stride must be a positive integer or null, got {stride}")
+        dim = affinity_channels or channels // 2
+        if channels < 4 or dim < 4:
+            raise ValueError(
+                f"decoder.channels={channels} and decoder.affinity_channels={dim} must be >= 4 "
+                "(bottlenecks of width / 4)"
+            )
         self.tasks = list(task_channels)
-        self.stride, self.gamma = int(stride), float(gamma)
-        dim = affinity_channels or max(channels // 2, 1)
-        # levels at `stride` and coarser, fused at the finest of them (then resampled to `stride`:
-        # a ViT's stride-16 levels are upsampled)
-        self.fuse = FuseScales(in_channels, strides, channels, min_stride=stride)
-        self._finest = min(range(len(strides)), key=lambda i: strides[i])
-        self._finest_stride = strides[self._finest]
-        self.initial = nn.ModuleDict(
-            {t: nn.Sequential(ConvBNReLU(channels, channels), ConvBNReLU(channels, channels)) for t in self.tasks}
-        )
+        self.gamma, self.stride, self.propagation = float(gamma), stride, propagation
+        self.levels = select_levels(strides, min_stride=min_stride)
+        level_strides = [strides[i] for i in self.levels]
+        self._finest_stride = min(level_strides)
+        if fuse == "hrnet":
+            # finest level first, as HRNet returns its branches
+            self.levels = sorted(self.levels, key=lambda i: strides[i])
+            self.fuse = HRNetFuse([in_channels[i] for i in self.levels])
+            shared = self.fuse.out_channels
+        else:
+            self.fuse = FuseScales(in_channels, strides, channels, levels=self.levels)
+            shared = channels
+        self.initial = nn.ModuleDict({t: nn.Sequential(*_bottlenecks(shared, channels)) for t in self.tasks})
         self.initial_heads = nn.ModuleDict({t: nn.Conv2d(channels, c, 1) for t, c in task_channels.items()})
         self.conv_in = nn.ModuleDict({t: nn.Conv2d(channels, dim, 1) for t in self.tasks})
         self.fusion = AffinityFusion(len(self.tasks), grid, kernel_size)
@@ -170,18 +207,28 @@ class CTALDecoder(nn.Module):
             }
         )
         self.heads = nn.ModuleDict(
-            {t: nn.Sequential(ConvBNReLU(dim, dim), task_head(dim, c)) for t, c in task_channels.items()}
+            {t: nn.Sequential(*_bottlenecks(dim, dim), nn.Conv2d(dim, c, 1)) for t, c in task_channels.items()}
         )
+        # set `record_intermediates` to keep the shared map, the affinities, the fused affinity
+        # and the propagated features of the last forward in `last_intermediates` (tests)
+        self.record_intermediates = False
+        self.last_intermediates: dict[str, Tensor | dict[str, Tensor]] = {}
 
-    def feature_size(self, image_size: Sequence[int]) -> tuple[int, int]:
-        """Size of the affinity grid for an image of `image_size`."""
-        return math.ceil(image_size[0] / self.stride), math.ceil(image_size[1] / self.stride)
+    def shared(self, features: Sequence[Tensor]) -> Tensor:
+        """The fused map on the affinity grid: (N, fused channels, h, w)."""
+        if isinstance(self.fuse, HRNetFuse):
+            fused = self.fuse([features[i] for i in self.levels])
+        else:
+            fused = self.fuse(features)
+        if self.stride is None:
+            return fused
+        h, w = fused.shape[-2:]
+        image = (h * self._finest_stride, w * self._finest_stride)
+        return resize_to(fused, (math.ceil(image[0] / self.stride), math.ceil(image[1] / self.stride)))
 
     def forward(self, features: Sequence[Tensor]) -> dict:
-        finest = features[self._finest]
-        image_size = (finest.shape[-2] * self._finest_stride, finest.shape[-1] * self._finest_stride)
-        size = self.feature_size(image_size)
-        shared = resize_to(self.fuse(features), size)
+        shared = self.shared(features)
+        size = tuple(shared.shape[-2:])
 
         initial, feats = {}, {}
         for t in self.tasks:
@@ -189,15 +236,25 @@ class CTALDecoder(nn.Module):
             initial[t] = self.initial_heads[t](task_feat)
             feats[t] = self.conv_in[t](task_feat)
 
-        affinity = self.fusion(task_affinities([feats[t] for t in self.tasks]), size)  # (N, P, P)
-        affinity = affinity / affinity.shape[-1]
+        affinities = task_affinities([feats[t] for t in self.tasks])  # (N, T, P, P)
+        fused = self.fusion(affinities, size)  # (N, P, P)
+        if self.propagation == "mean":
+            fused = fused / fused.shape[-1]
         out: dict = {}
+        propagated = {}
         for t in self.tasks:
             value = self.value[t](feats[t])
             n, c, h, w = value.shape
             # out(p) = sum_q M[p, q] v(q)
-            spread = torch.bmm(value.flatten(2), affinity.transpose(1, 2)).view(n, c, h, w)
-            refined = (1.0 - self.gamma) * feats[t] + self.gamma * spread
-            out[t] = self.heads[t](self.conv_out[t](refined))
+            spread = torch.bmm(value.flatten(2), fused.transpose(1, 2)).view(n, c, h, w)
+            propagated[t] = self.gamma * spread + (1.0 - self.gamma) * feats[t]
+            out[t] = self.heads[t](self.conv_out[t](propagated[t]))
+        if self.record_intermediates:
+            self.last_intermediates = {
+                "shared": shared,
+                "affinities": {t: affinities[:, i] for i, t in enumerate(self.tasks)},
+                "fused_affinity": fused,
+                "propagated": propagated,
+            }
         out["aux"] = {"initial": initial}
         return out
