@@ -23,6 +23,17 @@ AUTHORS_ENCODING = {
     "saliency": lambda p: 255 * p[:, 0],
 }
 
+# MTI-Net's code base: utils/utils.py get_output of a raw map, from our activated prediction
+# (batch of one)
+MTL_PYTORCH_ENCODING = {
+    "semseg": lambda p: p,
+    "human_parts": lambda p: p,
+    "depth": lambda p: p.permute(0, 2, 3, 1),
+    "normals": lambda p: ((p + 1.0) * 255 / 2.0).permute(0, 2, 3, 1),
+    "edge": lambda p: torch.squeeze(255 * p),
+    "saliency": lambda p: torch.squeeze(255 * p),
+}
+
 
 def assert_equal_to_reference(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
     """Equal to 1e-5 relative to the reference's largest magnitude (float32)."""

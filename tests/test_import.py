@@ -108,3 +108,55 @@ def test_import_errors_name_what_is_wrong_and_write_nothing(imported, tmp_path):
         assert not out.exists()
     proc = _cli("importer", "source=invpt", f"out={out}", *overrides, cwd=tmp_path)
     assert proc.returncode == 1 and "needs file=" in proc.stderr
+
+
+# (fixture, mtl-import source, dataset layout of its experiment)
+IMPORTS = [
+    ("padnet_nyud", "padnet", "nyud_mt"),
+    ("mtinet_nyud_en", "mtinet", "nyud_mt"),
+    ("mtinet_pascal", "mtinet", "pascal"),
+    ("hps_nyud", "hps", "nyud_mt"),
+    ("ctal_nyud", "ctal", "mtan"),
+]
+
+
+@pytest.mark.parametrize(("name", "source", "layout"), IMPORTS, ids=[i[0] for i in IMPORTS])
+def test_import_of_each_authors_fixture_then_eval_on_its_layout(name, source, layout, make_cfg, tmp_path):
+    """mtl-import of the authors' checkpoint fixture, then mtl-eval on a tiny dataset in the real
+    layout its experiment reads: every final task is scored (auxiliary-only tasks are not)."""
+    import math
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from mtl_vision.cli import CONFIG_DIR
+    from mtl_vision.cli.eval import evaluate
+    from mtl_vision.data.pascal_fixture import write_pascal_fixture
+    from mtl_vision.importing import import_checkpoint
+
+    record = torch.load(REFERENCE / f"{name}.pt", map_location="cpu", weights_only=True)
+    crop = next(o for o in record["overrides"] if o.startswith("data.crop_size="))
+    h, w = (int(v) for v in crop.split("=", 1)[1].strip("[]").split(","))
+    if layout == "pascal":
+        root = write_pascal_fixture(tmp_path / "PASCAL_MT", n=2, height=h, width=w)
+    else:
+        root = write_nyud_fixture(tmp_path / "data", layout=layout, n=2, height=h, width=w)
+    cfg = make_cfg([*record["overrides"], f"data.root={root}", "data.num_workers=0", "data.val_batch_size=1"], tiny=False)
+    ckpt = import_checkpoint(cfg, source=source, file=REFERENCE / f"{name}.pth", out=tmp_path / "run" / "checkpoints" / "x.ckpt")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        eval_cfg = compose(
+            config_name="eval",
+            overrides=[f"ckpt={ckpt}", "edge_exact=false", f"hydra.run.dir={tmp_path / 'eval'}"],
+            return_hydra_config=True,
+        )
+    HydraConfig().set_config(eval_cfg)
+    with open_dict(eval_cfg):
+        eval_cfg.paths.output_dir = str(tmp_path / "eval")
+    metrics = evaluate(eval_cfg)
+    final = record.get("final_tasks", record["tasks"])
+    scored = {key.split("/")[1] for key in metrics if key.startswith("val/") and key.count("/") == 2}
+    assert scored == set(final), f"{name}: scored {sorted(scored)}, expected the final tasks {final}"
+    assert all(math.isfinite(v) for k, v in metrics.items() if not k.endswith("/loss")), metrics

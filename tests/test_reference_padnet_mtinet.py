@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from reference import (
     FIXTURES,
+    MTL_PYTORCH_ENCODING,
     assert_activated_equal_to_reference,
     assert_equal_to_reference,
     image_of,
@@ -29,17 +30,6 @@ from mtl_vision.importing import read_state
 NAMES = ["padnet_nyud", "padnet_nyud_en", "padnet_pascal", "mtinet_nyud", "mtinet_nyud_en", "mtinet_pascal"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-# their utils/utils.py get_output of a raw map, from our activated prediction (batch of one)
-THEIR_ENCODING = {
-    "semseg": lambda p: p,
-    "human_parts": lambda p: p,
-    "depth": lambda p: p.permute(0, 2, 3, 1),
-    "normals": lambda p: ((p + 1.0) * 255 / 2.0).permute(0, 2, 3, 1),
-    "edge": lambda p: torch.squeeze(255 * p),
-    "saliency": lambda p: torch.squeeze(255 * p),
-}
-
 
 def _run(name: str, make_cfg) -> tuple[dict, dict, dict]:
     """(the fixture's record, our model's outputs at the input size, what our modules computed)."""
@@ -103,7 +93,7 @@ def test_outputs_and_intermediates_equal_the_authors(name, make_cfg):
 @pytest.mark.parametrize("name", NAMES)
 def test_activated_predictions_equal_the_authors(name, make_cfg):
     record, out, _ = _run(name, make_cfg)
-    assert_activated_equal_to_reference(out, record, name, THEIR_ENCODING)
+    assert_activated_equal_to_reference(out, record, name, MTL_PYTORCH_ENCODING)
 
 
 def test_fixtures_store_float16_weights_and_the_import_casts_them():

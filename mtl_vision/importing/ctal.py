@@ -21,6 +21,7 @@ from torch import Tensor
 
 from mtl_vision.importing._authors import Rule, check_task_set, rename_keys
 from mtl_vision.importing._hrnet import hrnet_rules, hrnet_unused
+from mtl_vision.importing.padnet import BOTTLENECK as _BOTTLENECK  # the same ResNet Bottleneck on both sides
 
 __all__ = ["AUTHORS_TASK_ORDER", "to_ours"]
 
@@ -29,17 +30,6 @@ AUTHORS_TASK_ORDER = ("semseg", "depth", "normals")
 NETWORK = "model."  # MTR_Net.model
 UNUSED = (re.compile(r"criterion\."),)  # losses/loss_weights.py Uncertainty.weights
 
-# their torchvision-style Bottleneck (models/resnet.py) -> ours (decoders/padnet.py Bottleneck)
-_BOTTLENECK = {
-    "conv1": "body.0.0",
-    "bn1": "body.0.1",
-    "conv2": "body.1.0",
-    "bn2": "body.1.1",
-    "conv3": "body.2",
-    "bn3": "body.3",
-    "downsample.0": "shortcut.0",
-    "downsample.1": "shortcut.1",
-}
 _BLOCK = r"(conv[123]|bn[123]|downsample\.[01])\.(.*)"
 
 
