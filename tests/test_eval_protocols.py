@@ -27,12 +27,12 @@ FIXTURES = Path(__file__).parent / "fixtures" / "protocols"
 # Protocol names
 # --------------------------------------------------------------------------- #
 def test_protocol_names_and_errors():
-    assert PROTOCOLS == ("atrc", "invpt", "mtinet")
+    assert PROTOCOLS == ("atrc", "invpt", "mtinet", "mtlora")
     assert check_protocol(None) == "atrc"
-    with pytest.raises(ValueError, match=r"eval.protocol='mtnet'.*did you mean 'mtinet'.*known: atrc, invpt, mtinet"):
+    with pytest.raises(ValueError, match=r"eval.protocol='mtnet'.*did you mean 'mtinet'.*known: atrc, invpt, mtinet, mtlora"):
         check_protocol("mtnet")
     for cls in (SaliencyMetrics, DepthMetrics, NormalMetrics):
-        with pytest.raises(ValueError, match="protocol='foo'.*known: atrc, invpt, mtinet"):
+        with pytest.raises(ValueError, match="protocol='foo'.*known: atrc, invpt, mtinet, mtlora"):
             cls(protocol="foo")
     with pytest.raises(ValueError, match="known: atrc"):
         FM.max_f(torch.rand(1, 2, 2), torch.ones(1, 2, 2), protocol="ASTMT")
@@ -44,6 +44,11 @@ def test_protocol_names_and_errors():
         ("atrc", {"maxF"}, {"rmse", "abs_rel", "log_rmse", "delta1"}),
         ("invpt", {"maxF", "maxF_sigmoid_prob"}, {"rmse", "abs_rel", "log_rmse", "delta1", "sq_rel"}),
         ("mtinet", {"maxF", "maxF1_per_image", "max_mIoU_per_image"}, {"rmse", "abs_rel", "log_rmse", "delta1"}),
+        (
+            "mtlora",
+            {"maxF", "maxF_sigmoid_prob", "maxF1_per_image", "max_mIoU_per_image"},
+            {"rmse", "abs_rel", "log_rmse", "delta1"},
+        ),
     ],
 )
 def test_keys_of_each_protocol(protocol, saliency, depth):
@@ -290,7 +295,7 @@ def test_overrides_accept_known_protocols_and_refuse_others():
     assert problems("eval", ["ckpt=some/best.ckpt", "eval.protocol=mtinet"]) == []
     assert problems("eval", ["ckpt=some/best.ckpt", "eval.protocol=null"]) == []
     found = problems("train", ["eval.protocol=foo"])
-    assert found == ["eval.protocol='foo': unknown evaluation protocol (known: atrc, invpt, mtinet)"]
+    assert found == ["eval.protocol='foo': unknown evaluation protocol (known: atrc, invpt, mtinet, mtlora)"]
     assert "did you mean 'invpt'" in problems("eval", ["ckpt=x.ckpt", "eval.protocol=inpvt"])[0]
 
 
@@ -342,3 +347,23 @@ def test_monitor_auto_follows_the_protocols_primary(make_cfg, protocol, monitor)
     cfg = make_cfg(["monitor=auto", f"eval.protocol={protocol}", "data.tasks=[saliency,semseg]"])
     resolve_monitor(cfg, ["saliency", "semseg"], None)
     assert (cfg.monitor, cfg.monitor_mode) == (monitor, "max")
+
+
+def test_mtlora_equals_their_evaluation():
+    """scale-lab/MTLoRA's get_output + SaliencyMeter / NormalsMeter / SemsegMeter on small random
+    inputs (tests/fixtures/reference/mtlora_protocol.json, scripts/fixtures/mtlora.py --protocol):
+    their saliency "mIoU" and "maxF" are MTI-Net's per-image scores of the float probability,
+    their "Beta maxF" InvPT's sigmoid-of-probability maxF; normals' "mean" (and "rmse", which
+    holds the mean too) is the pooled mean angle; semseg the split's mIoU over all 21 classes."""
+    ref = json.loads((Path(__file__).parent / "fixtures" / "reference" / "mtlora_protocol.json").read_text())
+    x = {k: torch.tensor(v) for k, v in ref["inputs"].items()}
+    sal = FM.max_f(torch.sigmoid(x["sal_logit"]), x["sal_target"].long(), protocol="mtlora")
+    assert sal["max_mIoU_per_image"] == pytest.approx(100 * ref["saliency"]["mIoU"], rel=1e-9)
+    assert sal["maxF1_per_image"] == pytest.approx(100 * ref["saliency"]["maxF"], rel=1e-9)
+    assert sal["maxF_sigmoid_prob"] == pytest.approx(100 * ref["saliency"]["Beta maxF"], rel=1e-6)
+    target = torch.where(x["normals_target"] == 255, 0.0, x["normals_target"])  # ours: zero vector = invalid
+    mean = FM.normal_errors(x["normals_raw"], target, protocol="mtlora")["mean"]
+    assert mean == pytest.approx(ref["normals"]["mean"], rel=1e-6)  # their acos in float32, ours atan2
+    labels = x["semseg_logit"].argmax(1)
+    assert FM.miou(labels, x["semseg_target"][:, 0], 21)["mIoU"] == pytest.approx(100 * ref["semseg"]["mIoU"], rel=1e-9)
+    assert protocol_primary("saliency", "mtlora") == "max_mIoU_per_image"

@@ -117,6 +117,7 @@ IMPORTS = [
     ("mtinet_pascal", "mtinet", "pascal"),
     ("hps_nyud", "hps", "nyud_mt"),
     ("ctal_nyud", "ctal", "mtan"),
+    ("mtlora_pascal", "mtlora", "pascal"),
 ]
 
 

@@ -80,3 +80,28 @@ def test_model_normalises_with_the_backbone_statistics():
 def test_out_of_range_out_indices_are_reported():
     with pytest.raises(ValueError, match="out_indices"):
         Backbone(name="test_convnext", out_indices=[1, 2, 3, 4])
+
+
+def test_auxiliary_tasks_on_a_task_conditioned_backbone(make_cfg):
+    """decoder.auxiliary_tasks with one backbone pass per task (MoE layers): the auxiliary task has
+    intermediate predictions and a loss, but no final map and no metric."""
+    from mtl_vision.cli.build import build_datamodule, build_module
+
+    cfg = make_cfg(
+        [
+            "backbone=test_vit",
+            "backbone.moe_layers=[1]",
+            "decoder=padnet",
+            "decoder.auxiliary_tasks=[depth]",
+            "data.tasks=[semseg,depth]",
+        ]
+    )
+    module = build_module(cfg, build_datamodule(cfg))
+    assert module.tasks == ["semseg", "depth"] and module.eval_tasks == ["semseg"]
+    image = torch.rand(2, 3, 64, 80)
+    out = module.model(image)
+    assert "depth" not in out and out["semseg"].shape[-2:] == (64, 80)
+    assert set(out["aux"]["initial"]) == {"semseg", "depth"}
+    targets = {"semseg": torch.zeros(2, 64, 80, dtype=torch.long), "depth": torch.ones(2, 1, 64, 80)}
+    losses = module.loss(out, targets)
+    assert set(losses) == {"semseg", "depth"} and losses["depth"] > 0

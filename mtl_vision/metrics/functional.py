@@ -564,8 +564,11 @@ def _per_image_positives(passes: Tensor, mask: Tensor, num_thresholds: int) -> T
     return hist.flip(1).cumsum(1).flip(1)[:, 1:]
 
 
-def _saliency_per_image_update(prob: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """MTI-Net's per-image saliency statistics of one batch, from the uint8-stored prediction.
+def _saliency_per_image_update(
+    prob: Tensor, target: Tensor, *, stored: bool = True
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """MTI-Net's per-image saliency statistics of one batch, from the uint8-stored prediction
+    (``stored=False``: from the float32 ``255 * prob / 255`` that MTLoRA's online meter thresholds).
 
     Returns:
         ``(iou_sum (15,), precision_sum (15,), recall_sum (15,), n_images ())``: float64 sums over
@@ -577,7 +580,12 @@ def _saliency_per_image_update(prob: Tensor, target: Tensor) -> tuple[Tensor, Te
     """
     prob, valid, gt = _saliency_masks(prob, target)
     num = len(MTINET_SALIENCY_THRESHOLDS)
-    passes = _mtinet_passes(prob.device)[quantise_saliency_uint8(prob).long()]
+    if stored:
+        passes = _mtinet_passes(prob.device)[quantise_saliency_uint8(prob).long()]
+    else:
+        thresholds = torch.tensor(MTINET_SALIENCY_THRESHOLDS, dtype=torch.float32, device=prob.device)
+        online = _as_floating(prob.detach()).to(torch.float32) * 255.0 / 255.0
+        passes = (online[..., None] > thresholds).sum(-1)
     tp = _per_image_positives(passes, gt, num)
     pred_pos = _per_image_positives(passes, valid, num)
     gt_pos = gt.sum((1, 2))[:, None]
@@ -622,6 +630,9 @@ def max_f(prob: Tensor, target: Tensor, *, protocol: str = DEFAULT_PROTOCOL) -> 
         out["maxF_sigmoid_prob"] = _saliency_compute(*_saliency_sigmoid_prob_update(prob, target), gt_pos)["maxF"]
     elif protocol == "mtinet":
         out |= _saliency_per_image_compute(*_saliency_per_image_update(prob, target))
+    elif protocol == "mtlora":
+        out["maxF_sigmoid_prob"] = _saliency_compute(*_saliency_sigmoid_prob_update(prob, target), gt_pos)["maxF"]
+        out |= _saliency_per_image_compute(*_saliency_per_image_update(prob, target, stored=False))
     return _to_floats(out)
 
 

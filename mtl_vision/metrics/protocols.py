@@ -14,6 +14,11 @@ whose evaluation a run reproduces; tasks where the codebases agree score the sam
   predictions are scored as that code stores them, uint8 images; saliency precision, recall and
   IoU per image then averaged (``maxF1_per_image``, ``max_mIoU_per_image``); normals from the
   uint8-quantised prediction.
+* ``mtlora``: MTLoRA (Agiza et al., CVPR 2024; scale-lab/MTLoRA ``evaluation/eval_sal.py``,
+  ``eval_sal_no_beta.py``, ``eval_sal_beta.py``, ``eval_normals_v1.py``), scoring online: MTI-Net's
+  per-image saliency IoU / F1 at ``linspace(0.2, 0.9, 15)`` on the float probability (no uint8
+  file; ``max_mIoU_per_image`` is the saliency "mIoU" their tables and Δm use) and their "Beta maxF"
+  (= InvPT's ``maxF_sigmoid_prob``); normals as ``atrc`` (their ``rmse`` key holds the mean angle).
 
 Every protocol also reports the ATRC ``maxF``, so runs stay comparable across protocols.
 """
@@ -24,14 +29,14 @@ from mtl_vision.errors import closest
 
 __all__ = ["DEFAULT_PROTOCOL", "PROTOCOLS", "check_protocol", "protocol_primary"]
 
-PROTOCOLS = ("atrc", "invpt", "mtinet")
+PROTOCOLS = ("atrc", "invpt", "mtinet", "mtlora")
 DEFAULT_PROTOCOL = "atrc"
 
 # The primary metric of a task where a protocol's paper uses another one than the task's default
 # (TaskSpec.primary): InvPT's tables print its pipeline's maxF; MTI-Net's print (and its Δm uses)
 # the saliency mIoU.
 _PRIMARY = {
-    "saliency": {"invpt": "maxF_sigmoid_prob", "mtinet": "max_mIoU_per_image"},
+    "saliency": {"invpt": "maxF_sigmoid_prob", "mtinet": "max_mIoU_per_image", "mtlora": "max_mIoU_per_image"},
 }
 
 

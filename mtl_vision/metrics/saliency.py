@@ -49,7 +49,8 @@ class SaliencyMetrics(Metric):
     and mean recall (MTI-Net's ``maxF``). The states are per-threshold float64 sums over images.
 
     Args:
-        protocol: ``atrc`` (default), ``invpt`` or ``mtinet``.
+        protocol: ``atrc`` (default), ``invpt``, ``mtinet`` or ``mtlora`` (both additions, the
+            per-image scores of the float probability instead of the uint8-stored one).
 
     ``update(pred, target)``: ``pred`` are probabilities (after the task's activation), (N, H, W)
     or (N, 1, H, W); ``target`` binary (salient where > 0.5), 255 = ignored (left out of every
@@ -68,12 +69,12 @@ class SaliencyMetrics(Metric):
         super().__init__(**kwargs)
         self.protocol = check_protocol(protocol, where="protocol")
         counts = ["true_pos", "pred_pos"]
-        if self.protocol == "invpt":
+        if self.protocol in ("invpt", "mtlora"):
             counts += ["sigmoid_true_pos", "sigmoid_pred_pos"]
         for name in counts:
             self.add_state(name, default=torch.zeros(SALIENCY_NUM_THRESHOLDS, dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("gt_pos", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-        if self.protocol == "mtinet":
+        if self.protocol in ("mtinet", "mtlora"):
             num = len(MTINET_SALIENCY_THRESHOLDS)
             for name in ("iou_sum", "precision_sum", "recall_sum"):
                 self.add_state(name, default=torch.zeros(num, dtype=torch.float64), dist_reduce_fx="sum")
@@ -85,12 +86,13 @@ class SaliencyMetrics(Metric):
         self.true_pos += true_pos
         self.pred_pos += pred_pos
         self.gt_pos += gt_pos
-        if self.protocol == "invpt":
+        if self.protocol in ("invpt", "mtlora"):
             true_pos, pred_pos = _saliency_sigmoid_prob_update(pred, target)
             self.sigmoid_true_pos += true_pos
             self.sigmoid_pred_pos += pred_pos
-        elif self.protocol == "mtinet":
-            iou_sum, precision_sum, recall_sum, n_images = _saliency_per_image_update(pred, target)
+        if self.protocol in ("mtinet", "mtlora"):
+            stats = _saliency_per_image_update(pred, target, stored=self.protocol == "mtinet")
+            iou_sum, precision_sum, recall_sum, n_images = stats
             self.iou_sum += iou_sum
             self.precision_sum += precision_sum
             self.recall_sum += recall_sum
@@ -99,10 +101,10 @@ class SaliencyMetrics(Metric):
     def compute(self) -> dict[str, Tensor]:
         """The protocol's scores in percent (see the class docstring for the keys)."""
         out = _saliency_compute(self.true_pos, self.pred_pos, self.gt_pos)
-        if self.protocol == "invpt":
+        if self.protocol in ("invpt", "mtlora"):
             out["maxF_sigmoid_prob"] = _saliency_compute(self.sigmoid_true_pos, self.sigmoid_pred_pos, self.gt_pos)[
                 "maxF"
             ]
-        elif self.protocol == "mtinet":
+        if self.protocol in ("mtinet", "mtlora"):
             out |= _saliency_per_image_compute(self.iou_sum, self.precision_sum, self.recall_sum, self.n_images)
         return out

@@ -44,8 +44,11 @@ class MultiTaskModel(nn.Module):
         return encode_with(self.backbone, self.decoder, x)
 
     def decode(self, features: list[Tensor] | dict[str, list[Tensor]], size: tuple[int, int]) -> dict:
-        """Decoder outputs brought to the input `size` (aux sets likewise)."""
-        out = self.decoder(features) if not isinstance(features, dict) else self._per_task(features)
+        """Decoder outputs brought to the input `size` (aux sets likewise). Task-specific features
+        {task: maps} go to the decoder in one call if it declares `per_task_features = True`,
+        else the decoder runs once per task on that task's maps."""
+        per_task = isinstance(features, dict) and not getattr(self.decoder, "per_task_features", False)
+        out = self._per_task(features) if per_task else self.decoder(features)
         preds = {task: resize_to(pred, size) for task, pred in out.items() if task != "aux"}
         if "aux" in out:
             preds["aux"] = {name: {t: resize_to(p, size) for t, p in maps.items()} for name, maps in out["aux"].items()}
@@ -59,7 +62,8 @@ class MultiTaskModel(nn.Module):
         out: dict = {}
         for task, maps in features.items():
             decoded = self.decoder(maps)
-            out[task] = decoded[task]
+            if task in decoded:  # an auxiliary-only task (decoder.auxiliary_tasks) has no final map
+                out[task] = decoded[task]
             for name, preds in decoded.get("aux", {}).items():
                 if task in preds:
                     out.setdefault("aux", {}).setdefault(name, {})[task] = preds[task]

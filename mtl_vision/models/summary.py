@@ -62,6 +62,8 @@ def model_summary(model: nn.Module, image_size: Sequence[int]) -> dict[str, floa
         encoder_flops, features = _flops(encode_with, backbone, decoder, x)
         # a task-conditioned backbone gives {task: maps} and each task is decoded from its own
         per_task = list(features.values()) if isinstance(features, dict) else [features]
+        if isinstance(features, dict) and getattr(decoder, "per_task_features", False):
+            per_task = [features]  # a decoder that reads every task's maps in one call (MTLoRA's)
         flops = {"backbone": encoder_flops, "decoder": sum(_flops(decoder, f)[0] for f in per_task)}
     finally:
         model.train(was_training)

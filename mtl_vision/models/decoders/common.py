@@ -9,6 +9,9 @@ The decoder contract (every file in conf/decoder/ builds one):
   input), optionally with `"aux": {name: {task: map}}` of intermediate predictions (deep
   supervision) whose losses are weighted by `loss.aux_weights[name]` (default `loss.aux_weight`);
 * `aux_names`: the names of the aux prediction sets it returns (empty if none);
+* optionally `per_task_features = True`: a task-conditioned backbone's `{task: features}` (MTLoRA's
+  one shared pass with task branches) reach `forward` in one call (MTLoRA's decoder); without it
+  `MultiTaskModel` runs the decoder once per task on that task's features and keeps its output;
 * optionally the constructor argument `auxiliary_tasks` (tasks of `task_channels` supervised only
   through the aux predictions, as MTI-Net's and PAD-Net's auxiliary edges and normals) and the
   attribute `final_tasks` (the others): the final maps are then returned for `final_tasks` only,
