@@ -7,7 +7,6 @@ draws on their input of that step, and the whole transform replays them on our s
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import cv2
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from replay import Replay, assert_planes_equal, assert_seeded_by_torch_alone, draws_of, sample_of
 
 from mtl_vision.data.atrc_transforms import (
     IMAGENET_MEAN,
@@ -40,64 +40,15 @@ EXPERIMENTS = [f"{m}_{d}" for m in ("invpt", "taskprompter", "mlore") for d in (
 SAME_OPENCV = cv2.__version__ == RECORD["cv2"]
 
 
-class Replay:
-    """`TorchDraws` that returns their recorded draws, checking each call's kind and arguments."""
-
-    def __init__(self, draws: list) -> None:
-        self.draws, self.used = list(draws), 0
-
-    def _next(self, name: str, args: tuple) -> float:
-        assert self.used < len(self.draws), f"drew more than their code ({len(self.draws)} draws)"
-        step, their_name, their_args, value = self.draws[self.used]
-        assert (name, tuple(args)) == (their_name, tuple(their_args)), f"draw {self.used} of step {step}"
-        self.used += 1
-        return value
-
-    def random(self) -> float:
-        return self._next("random", ())
-
-    def uniform(self, lo: float, hi: float) -> float:
-        return self._next("uniform", (lo, hi))
-
-    def randint(self, lo: int, hi: int) -> int:
-        return self._next("randint", (lo, hi))
-
-    def done(self) -> bool:
-        return self.used == len(self.draws)
-
-
-def _sample(stored: dict) -> dict:
-    """A fixture input as our loaders return it."""
-    out = {}
-    for key, x in stored.items():
-        if key == "image":
-            out[key] = x.float().div_(255.0)
-        elif key in ("semseg", "human_parts"):
-            out[key] = x.to(torch.int64)
-        else:
-            out[key] = x.float()
-    return out
-
-
 def _planes(stored: dict) -> dict[str, np.ndarray]:
     """Their HxWxC arrays of one step, as our planes."""
     return {key: x.numpy().astype(np.float32) for key, x in stored.items()}
-
-
-def _draws(case: dict, step: str) -> list:
-    return [d for d in case["draws"] if d[0] == step]
 
 
 def _transform(case: dict, draws: list) -> ATRCTrainTransform:
     t = ATRCTrainTransform(crop_size=case["crop"])
     t.draws = Replay(draws)
     return t
-
-
-def _assert_planes_equal(ours: dict, theirs: dict) -> None:
-    assert ours.keys() == theirs.keys()
-    for key, value in theirs.items():
-        np.testing.assert_array_equal(ours[key], value, err_msg=key)
 
 
 def assert_matches_their_output(ours: dict, theirs: dict) -> None:
@@ -129,8 +80,8 @@ def assert_matches_their_output(ours: dict, theirs: dict) -> None:
 @pytest.mark.parametrize("name", TRAIN)
 def test_scaling_equals_theirs(name):
     case = TRAIN[name]
-    (draw,) = _draws(case, "scaled")
-    ours = scale_planes(to_planes(_sample(case["input"])), draw[3])
+    (draw,) = draws_of(case, "scaled")
+    ours = scale_planes(to_planes(sample_of(case["input"])), draw[3])
     theirs = _planes(case["after"]["scaled"])
     assert ours.keys() == theirs.keys()
     for key in theirs:
@@ -143,26 +94,26 @@ def test_scaling_equals_theirs(name):
 @pytest.mark.parametrize("name", TRAIN)
 def test_crop_equals_theirs_with_the_same_retries(name):
     case = TRAIN[name]
-    t = _transform(case, _draws(case, "cropped"))
+    t = _transform(case, draws_of(case, "cropped"))
     scaled = _planes(case["after"]["scaled"])
     origin = t.crop_origin(scaled)
     assert t.draws.done(), "the same number of crop draws"
-    _assert_planes_equal(crop_planes(scaled, origin, t.crop_size), _planes(case["after"]["cropped"]))
+    assert_planes_equal(crop_planes(scaled, origin, t.crop_size), _planes(case["after"]["cropped"]))
 
 
 @pytest.mark.parametrize("name", TRAIN)
 def test_flip_equals_theirs(name):
     case = TRAIN[name]
-    (draw,) = _draws(case, "flipped")
+    (draw,) = draws_of(case, "flipped")
     cropped = _planes(case["after"]["cropped"])
     ours = flip_planes(cropped) if draw[3] < 0.5 else cropped
-    _assert_planes_equal(ours, _planes(case["after"]["flipped"]))
+    assert_planes_equal(ours, _planes(case["after"]["flipped"]))
 
 
 @pytest.mark.parametrize("name", TRAIN)
 def test_photometric_distortion_equals_theirs_to_the_last_uint8(name):
     case = TRAIN[name]
-    t = _transform(case, _draws(case, "distorted"))
+    t = _transform(case, draws_of(case, "distorted"))
     ours = t.photometric(_planes(case["after"]["flipped"])["image"])
     assert t.draws.done()
     assert ours.dtype == np.uint8
@@ -174,7 +125,7 @@ def test_padding_and_ignore_regions_equal_theirs(name):
     case = TRAIN[name]
     planes = _planes(case["after"]["flipped"])
     planes["image"] = case["after"]["distorted"]["image"].numpy()
-    ours = from_planes(_sample(case["input"]), planes)
+    ours = from_planes(sample_of(case["input"]), planes)
     ours = ignore_unannotated_parts(pad_centred(ours, case["crop"], IMAGENET_MEAN))
     assert_matches_their_output(ours, case["after"]["out"])
 
@@ -186,7 +137,7 @@ def test_padding_and_ignore_regions_equal_theirs(name):
 def test_train_transform_equals_theirs_on_the_same_draws(name):
     case = TRAIN[name]
     t = _transform(case, case["draws"])
-    ours = t(_sample(case["input"]))
+    ours = t(sample_of(case["input"]))
     assert t.draws.done(), "every one of their draws, in their order"
     assert_matches_their_output(ours, case["after"]["out"])
 
@@ -194,7 +145,7 @@ def test_train_transform_equals_theirs_on_the_same_draws(name):
 @pytest.mark.parametrize("name", VAL)
 def test_val_transform_equals_theirs(name):
     case = VAL[name]
-    assert_matches_their_output(ATRCValTransform(size=case["size"])(_sample(case["input"])), case["out"])
+    assert_matches_their_output(ATRCValTransform(size=case["size"])(sample_of(case["input"])), case["out"])
 
 
 def test_the_fixture_covers_every_branch():
@@ -277,21 +228,11 @@ def test_without_semseg_the_first_crop_is_taken():
 
 
 def test_same_seed_same_sample_and_only_torch_randomness():
-    sample = _sample(TRAIN["pascal_seeded"]["input"])
-    t = ATRCTrainTransform(crop_size=[10, 12])
-    py_state, np_state = random.getstate(), np.random.get_state()
-    outs = []
-    for seed in (0, 0, 1):
-        torch.manual_seed(seed)
-        outs.append(t(sample))
-    assert random.getstate() == py_state and np.random.get_state()[1].tolist() == np_state[1].tolist()
-    for key in outs[0]:
-        assert torch.equal(outs[0][key], outs[1][key]), key
-    assert not all(torch.equal(outs[0][k], outs[2][k]) for k in outs[0]), "another seed, another sample"
+    assert_seeded_by_torch_alone(ATRCTrainTransform(crop_size=[10, 12]), sample_of(TRAIN["pascal_seeded"]["input"]))
 
 
 def test_outputs_have_our_types():
-    sample = _sample(TRAIN["nyud_seeded"]["input"])
+    sample = sample_of(TRAIN["nyud_seeded"]["input"])
     torch.manual_seed(3)
     out = ATRCTrainTransform(crop_size=[16, 20])(sample)
     assert out["image"].shape == (3, 16, 20) and out["image"].dtype == torch.float32
