@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-MODELS = ("invpt", "taskprompter", "mlore", "mtlora", "padnet", "mtinet", "ctal", "hps")
+MODELS = ("invpt", "taskprompter", "mlore", "mtlora", "padnet", "mtinet", "ctal", "hps", "memanet")
 
 
 def main() -> None:

@@ -28,15 +28,18 @@ TINY = TINY_MODEL + TINY_SYNTHETIC
 
 def decoder_overrides(decoder: str, backbone: str, size: Sequence[int] = (64, 80)) -> list[str] | None:
     """Extra overrides that let `decoder` run on the tiny `backbone` at input `size`, or None when
-    it cannot: a decoder that reads the blocks of a plain ViT (`backbone_kind = "vit"`,
+    it cannot (a fixed affinity width is made small too): a decoder that reads the blocks of a plain ViT (`backbone_kind = "vit"`,
     TaskPrompter) runs on test_vit only, with the ViT read as the paper does (raw blocks, the last
     normalised) at a fixed grid."""
     from hydra.utils import get_class
     from omegaconf import OmegaConf
 
-    target = OmegaConf.load(CONFIG_DIR / "decoder" / f"{decoder}.yaml")["_target_"]
+    node = OmegaConf.load(CONFIG_DIR / "decoder" / f"{decoder}.yaml")
+    target = node["_target_"]
+    # a fixed affinity width (MEMANet's 128) does not shrink with TINY_MODEL's decoder.channels
+    small = ["decoder.affinity_channels=8"] if isinstance(node.get("affinity_channels"), int) else []
     if getattr(get_class(target), "backbone_kind", "any") != "vit":
-        return []
+        return small
     if backbone != "test_vit":
         return None
     h, w = size

@@ -118,6 +118,7 @@ IMPORTS = [
     ("hps_nyud", "hps", "nyud_mt"),
     ("ctal_nyud", "ctal", "mtan"),
     ("mtlora_pascal", "mtlora", "pascal"),
+    ("memanet_nyud", "memanet", "mtan"),
 ]
 
 
