@@ -162,3 +162,26 @@ def test_import_of_each_authors_fixture_then_eval_on_its_layout(name, source, la
     scored = {key.split("/")[1] for key in metrics if key.startswith("val/") and key.count("/") == 2}
     assert scored == set(final), f"{name}: scored {sorted(scored)}, expected the final tasks {final}"
     assert all(math.isfinite(v) for k, v in metrics.items() if not k.endswith("/loss")), metrics
+
+
+def test_weights_beside_a_config_of_a_missing_package_are_read(tmp_path, monkeypatch):
+    """MTLoRA saves its yacs CfgNode beside the weights: the import needs the weights, not yacs."""
+    import importlib
+
+    from mtl_vision.engine.checkpoint import read_checkpoint
+
+    package = tmp_path / "site" / "foreigncfg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("class CfgNode(dict):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    node = importlib.import_module("foreigncfg").CfgNode(MODEL={"NAME": "mtlora"}, TRAIN={"BASE_LR": 5e-4})
+    weight = torch.randn(3, 2)
+    torch.save({"model": {"module.head.weight": weight}, "config": node, "epoch": 3}, tmp_path / "ckpt.pth")
+    monkeypatch.delitem(sys.modules, "foreigncfg")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path / "site")])
+    with pytest.raises(ValueError, match="No module named 'foreigncfg'"):
+        read_checkpoint(tmp_path / "ckpt.pth", name="ckpt")
+    state = read_state(tmp_path / "ckpt.pth")
+    assert list(state) == ["head.weight"] and torch.equal(state["head.weight"], weight)
+    stand_in = read_checkpoint(tmp_path / "ckpt.pth", name="ckpt", foreign=True)["config"]
+    assert dict(stand_in) == {"MODEL": {"NAME": "mtlora"}, "TRAIN": {"BASE_LR": 5e-4}}

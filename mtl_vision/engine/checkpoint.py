@@ -4,7 +4,9 @@ global random states a resumed run restores."""
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import types
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +43,47 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             stale.unlink(missing_ok=True)
 
 
-def read_checkpoint(path: str | os.PathLike, *, name: str) -> Any:
+class _Absent(dict):
+    """Stands for an object of a class this environment cannot import (another codebase's config:
+    yacs' `CfgNode`, an EasyDict, ...), so that the weights beside it can still be read. A dict
+    subclass, as such configs mostly are, keeping whatever the pickle hands it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().__init__(*args, **kwargs)
+        except (TypeError, ValueError):
+            self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.state = state
+
+
+class _LenientUnpickler(pickle.Unpickler):
+    """`find_class` that gives an `_Absent` subclass (named as the missing class) for a module or
+    class this environment lacks, instead of failing the whole file."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return type(name, (_Absent,), {"__module__": f"absent.{module}"})
+
+
+_lenient_pickle = types.ModuleType("lenient_pickle")
+_lenient_pickle.Unpickler = _LenientUnpickler
+_lenient_pickle.load = lambda f, **kw: _LenientUnpickler(f, **kw).load()
+_lenient_pickle.__name__ = "pickle"
+
+
+def read_checkpoint(path: str | os.PathLike, *, name: str, foreign: bool = False) -> Any:
     """A checkpoint file loaded on the CPU, memory-mapped where its format allows (tensors are then
     read from disk only when used). Our own files hold the run config and callback states, plain
     Python objects, so `weights_only` is off. `name` says in errors how the file was given
-    (`ckpt='...'`, `init_from='...'`).
+    (`ckpt='...'`, `init_from='...'`). `foreign`: another codebase's file, whose objects of classes
+    this environment lacks (its config: yacs' CfgNode in MTLoRA's) are read as stand-ins.
 
     Raises:
         FileNotFoundError: no file at `path`.
@@ -53,11 +91,12 @@ def read_checkpoint(path: str | os.PathLike, *, name: str) -> Any:
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"{name}: no such checkpoint file")
+    extra = {"pickle_module": _lenient_pickle} if foreign else {}
     try:
         try:
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=True, **extra)
         except RuntimeError:  # not a zip-format file, which mmap needs: the plain load says what it is
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=False, **extra)
     except Exception as err:  # truncated or foreign files fail in many ways inside torch.load
         reason = str(err).splitlines()[0] if str(err) else ""
         raise ValueError(f"{name} could not be read as a checkpoint ({type(err).__name__}: {reason})") from None

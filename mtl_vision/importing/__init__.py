@@ -36,15 +36,16 @@ DDP_PREFIX = "module."
 
 def read_state(path: str | os.PathLike) -> dict[str, Tensor]:
     """The weights of a checkpoint as another codebase saves it: a bare state dict, or one under
-    'model' (InvPT, TaskPrompter, MLoRE, MTI-Net), 'state_dict' or 'model_state_dict'; DDP's
-    `module.` prefix removed.
+    'model' (InvPT, TaskPrompter, MLoRE, MTI-Net, MTLoRA), 'state_dict' or 'model_state_dict'; DDP's
+    `module.` prefix removed. Objects of classes this environment lacks (MTLoRA's yacs config) are
+    read as stand-ins, so the weights load without the other codebase's packages.
 
     Raises:
         FileNotFoundError: no file at `path`.
         ValueError: the file is not a checkpoint or holds no state dict of tensors.
     """
     name = f"file={str(path)!r}"
-    state = read_checkpoint(path, name=name)
+    state = read_checkpoint(path, name=name, foreign=True)
     for key in WRAPPERS:
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
