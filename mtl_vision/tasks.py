@@ -159,7 +159,7 @@ TASKS: dict[str, TaskSpec] = {
         metric=lambda *, protocol=DEFAULT_PROTOCOL, **_: DepthMetrics(protocol=protocol),
         primary="rmse",
         lower_is_better=True,
-        lower_is_better_keys=frozenset({"rmse", "abs_rel", "log_rmse", "sq_rel"}),
+        lower_is_better_keys=frozenset({"rmse", "abs_err", "abs_rel", "log_rmse", "sq_rel"}),
         activate=_identity,
         colorize=viz.colorize_depth,
     ),

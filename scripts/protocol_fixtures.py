@@ -2,6 +2,7 @@
 
     python scripts/protocol_fixtures.py --atrc <brdav/atrc> --mtt <prismformore/Multi-Task-Transformer> \
         --mlore <YuqiYang213/MLoRE> --mtinet <SimonVandenhende/Multi-Task-Learning-PyTorch> \
+        --emanet <Armanfard-Lab/EMA-Net> \
         --out tests/fixtures/protocols
 
 Each option names a checkout of the authors' repository; their modules are imported from there
@@ -293,6 +294,23 @@ def run_mtinet(root: Path, x: dict[str, np.ndarray]) -> tuple[dict, dict[str, np
     return {"commit": commit(root), "saliency": {k: sal[k] for k in keep}, "normals": normal_results}, stored
 
 
+def run_emanet(root: Path, x: dict[str, np.ndarray]) -> dict:
+    """EMA-Net / CTAL (Armanfard-Lab/EMA-Net evaluation/eval_depth.py, eval_normals.py): their
+    meters on the (N, 1, H, W) / (N, 3, H, W) maps, missing ground truth all zero."""
+    with imports_from(root, ("evaluation",)):
+        eval_depth = importlib.import_module("evaluation.eval_depth")
+        eval_normals = importlib.import_module("evaluation.eval_normals")
+    depth = eval_depth.DepthMeter()
+    depth.update(torch.from_numpy(x["depth_pred"])[:, None].clone(), torch.from_numpy(x["depth_target"])[:, None])
+    normals = eval_normals.NormalsMeter()
+    normals.update(torch.from_numpy(x["normals_pred"]), torch.from_numpy(x["normals_target"]))
+    return {
+        "commit": commit(root),
+        "depth": {k: float(v) for k, v in depth.get_score().items()},
+        "normals": {k: float(v) for k, v in normals.get_score().items()},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--atrc", type=Path, help="checkout of brdav/atrc")
@@ -301,6 +319,7 @@ def main() -> None:
     )
     parser.add_argument("--mlore", type=Path, help="checkout of YuqiYang213/MLoRE")
     parser.add_argument("--mtinet", type=Path, help="checkout of SimonVandenhende/Multi-Task-Learning-PyTorch")
+    parser.add_argument("--emanet", type=Path, help="checkout of Armanfard-Lab/EMA-Net")
     parser.add_argument("--out", type=Path, default=Path("tests/fixtures/protocols"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -326,6 +345,8 @@ def main() -> None:
     if args.mtinet:
         reference["mtinet"], stored = run_mtinet(args.mtinet, inputs)
         inputs |= stored
+    if args.emanet:
+        reference["emanet"] = run_emanet(args.emanet, inputs)
     args.out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out / "inputs.npz", **inputs)
     (args.out / "reference.json").write_text(json.dumps(reference, indent=2, sort_keys=True) + "\n")

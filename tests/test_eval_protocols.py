@@ -41,13 +41,13 @@ def test_protocol_names_and_errors():
 @pytest.mark.parametrize(
     ("protocol", "saliency", "depth"),
     [
-        ("atrc", {"maxF"}, {"rmse", "abs_rel", "log_rmse", "delta1"}),
-        ("invpt", {"maxF", "maxF_sigmoid_prob"}, {"rmse", "abs_rel", "log_rmse", "delta1", "sq_rel"}),
-        ("mtinet", {"maxF", "maxF1_per_image", "max_mIoU_per_image"}, {"rmse", "abs_rel", "log_rmse", "delta1"}),
+        ("atrc", {"maxF"}, {"rmse", "abs_err", "abs_rel", "log_rmse", "delta1"}),
+        ("invpt", {"maxF", "maxF_sigmoid_prob"}, {"rmse", "abs_err", "abs_rel", "log_rmse", "delta1", "sq_rel"}),
+        ("mtinet", {"maxF", "maxF1_per_image", "max_mIoU_per_image"}, {"rmse", "abs_err", "abs_rel", "log_rmse", "delta1"}),
         (
             "mtlora",
             {"maxF", "maxF_sigmoid_prob", "maxF1_per_image", "max_mIoU_per_image"},
-            {"rmse", "abs_rel", "log_rmse", "delta1"},
+            {"rmse", "abs_err", "abs_rel", "log_rmse", "delta1"},
         ),
     ],
 )
@@ -202,6 +202,21 @@ def test_atrc_equals_brdav_atrc(fixture):
     assert FM.depth_errors(x["depth_pred"], x["depth_target"])["rmse"] == pytest.approx(ref["depth"]["rmse"], rel=1e-6)
     mean = FM.normal_errors(x["normals_pred"], x["normals_target"])["mean"]
     assert mean == pytest.approx(ref["normals"]["mean"], rel=1e-6)
+
+
+def test_atrc_equals_emanet_evaluation(fixture):
+    """EMA-Net / CTAL's meters (experiment=ctal_nyud, memanet_nyud score with `atrc`): depth pooled
+    over pixels with their `abs` = our abs_err, `rel` = abs_rel; normals in fractions."""
+    x, ref = fixture
+    ref = ref["emanet"]
+    depth = FM.depth_errors(x["depth_pred"], x["depth_target"])
+    for ours, theirs in (("rmse", "rmse"), ("abs_err", "abs"), ("abs_rel", "rel"), ("log_rmse", "log_rmse")):
+        assert depth[ours] == pytest.approx(ref["depth"][theirs], rel=1e-6), ours
+    normals = FM.normal_errors(x["normals_pred"], x["normals_target"])
+    # theirs: the float32 arccos of a float32 dot product (5e-6 relative off the float64 angle)
+    assert normals["mean"] == pytest.approx(ref["normals"]["mean"], rel=1e-5)
+    for ours, theirs in (("within_11_25", "11.25"), ("within_22_5", "22.5"), ("within_30", "30")):
+        assert normals[ours] == pytest.approx(100 * ref["normals"][theirs], rel=1e-6), ours
 
 
 @pytest.mark.parametrize(("codebase", "percent"), [("invpt", False), ("taskprompter", True), ("mlore", True)])

@@ -37,6 +37,7 @@ def np_depth(pred: np.ndarray, target: np.ndarray) -> dict:
     g = target[valid].astype(np.float64)
     return {
         "rmse": np.sqrt(np.mean((p - g) ** 2)),
+        "abs_err": np.mean(np.abs(p - g)),
         "abs_rel": np.mean(np.abs(p - g) / g),
         "log_rmse": np.sqrt(np.mean((np.log(p) - np.log(g)) ** 2)),
         "delta1": 100 * np.mean(np.maximum(p / g, g / p) < 1.25),
@@ -421,7 +422,7 @@ def test_perfect_predictions_give_the_ideal_values():
     labels = torch.randint(0, 5, (2, 16, 20), generator=g)
     assert FM.miou(labels, labels, num_classes=5)["mIoU"] == pytest.approx(100.0)
     depth = torch.rand(2, 16, 20, generator=g) + 0.5
-    assert FM.depth_errors(depth, depth) == pytest.approx({"rmse": 0.0, "abs_rel": 0.0, "log_rmse": 0.0, "delta1": 100.0})
+    assert FM.depth_errors(depth, depth) == pytest.approx({"rmse": 0.0, "abs_err": 0.0, "abs_rel": 0.0, "log_rmse": 0.0, "delta1": 100.0})
     normals = torch.nn.functional.normalize(torch.randn(2, 3, 16, 20, generator=g), dim=1)
     out = FM.normal_errors(normals, normals)
     assert out["mean"] == pytest.approx(0.0, abs=1e-5) and out["within_11_25"] == pytest.approx(100.0)

@@ -13,7 +13,7 @@ __all__ = ["DepthMetrics"]
 
 
 class DepthMetrics(Metric):
-    """rmse, abs_rel, log_rmse (metres / unitless) and delta1 (percent) over a whole split.
+    """rmse, abs_err (metres), abs_rel, log_rmse (unitless) and delta1 (percent) over a whole split.
 
     States are float64 sums and int64 counts over valid pixels (``target > 0``), so rmse is
     sqrt(sum of squared errors / number of valid pixels of the split), as in the reference
@@ -33,7 +33,7 @@ class DepthMetrics(Metric):
         protocol: ``atrc`` (default), ``invpt`` or ``mtinet``.
 
     ``update(pred, target)``: depth in metres, (N, H, W) or (N, 1, H, W), any float dtype.
-    ``compute()`` returns ``{"rmse", "abs_rel", "log_rmse", "delta1"}`` (+ ``sq_rel`` under
+    ``compute()`` returns ``{"rmse", "abs_err", "abs_rel", "log_rmse", "delta1"}`` (+ ``sq_rel`` under
     ``invpt``; NaN if nothing was valid).
     """
 
@@ -44,6 +44,7 @@ class DepthMetrics(Metric):
 
     sum_sq_err: Tensor
     sum_abs_rel: Tensor
+    sum_abs_err: Tensor
     sum_sq_log_err: Tensor
     n_valid: Tensor
     n_delta1: Tensor
@@ -51,7 +52,7 @@ class DepthMetrics(Metric):
     def __init__(self, protocol: str = DEFAULT_PROTOCOL, **kwargs) -> None:
         super().__init__(**kwargs)
         self.protocol = check_protocol(protocol, where="protocol")
-        sums = ["sum_sq_err", "sum_abs_rel", "sum_sq_log_err"] + (["sum_sq_rel"] if self.protocol == "invpt" else [])
+        sums = ["sum_sq_err", "sum_abs_rel", "sum_sq_log_err", "sum_abs_err"] + (["sum_sq_rel"] if self.protocol == "invpt" else [])
         for name in sums:
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         for name in ("n_valid", "n_delta1"):
@@ -59,7 +60,8 @@ class DepthMetrics(Metric):
 
     def update(self, pred: Tensor, target: Tensor) -> None:
         """Add one batch of predicted depth ``pred`` and ground truth ``target``, (N, H, W)."""
-        sum_sq_err, sum_abs_rel, sum_sq_log_err, n_valid, n_delta1 = _depth_update(pred, target)
+        sum_sq_err, sum_abs_rel, sum_sq_log_err, n_valid, n_delta1, sum_abs_err = _depth_update(pred, target)
+        self.sum_abs_err += sum_abs_err
         self.sum_sq_err += sum_sq_err
         self.sum_abs_rel += sum_abs_rel
         self.sum_sq_log_err += sum_sq_log_err
@@ -70,7 +72,9 @@ class DepthMetrics(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         """Split-level depth errors."""
-        out = _depth_compute(self.sum_sq_err, self.sum_abs_rel, self.sum_sq_log_err, self.n_valid, self.n_delta1)
+        out = _depth_compute(
+            self.sum_sq_err, self.sum_abs_rel, self.sum_sq_log_err, self.n_valid, self.n_delta1, self.sum_abs_err
+        )
         if self.protocol == "invpt":
             out |= _depth_sq_rel_compute(self.sum_sq_rel, self.n_valid)
         return out

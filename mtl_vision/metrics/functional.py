@@ -227,7 +227,7 @@ def _positive_depth(pred: Tensor) -> Tensor:
     return torch.where(pred <= 0, torch.full_like(pred, DEPTH_PRED_EPS), pred)
 
 
-def _depth_update(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _depth_update(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Sufficient statistics of depth errors for one batch.
 
     Args:
@@ -236,7 +236,8 @@ def _depth_update(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor,
             (0 / negative / NaN mark missing depth).
 
     Returns:
-        ``(sum_sq_err, sum_abs_rel, sum_sq_log_err, n_valid, n_delta1)``: float64 sums and int64 counts.
+        ``(sum_sq_err, sum_abs_rel, sum_sq_log_err, n_valid, n_delta1, sum_abs_err)``: float64 sums
+        and int64 counts.
 
     Non-positive predictions become ``DEPTH_PRED_EPS`` = 1e-9 before all terms, as the reference
     evaluators do (``pred[pred <= 0] = 1e-9`` in MTI-Net's ``eval_depth`` and in InvPT /
@@ -260,16 +261,24 @@ def _depth_update(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor,
         (log_diff * log_diff).sum(),
         torch.tensor(g.numel(), dtype=torch.int64, device=g.device),
         (ratio < 1.25).sum(),
+        diff.abs().sum(),
     )
 
 
 def _depth_compute(
-    sum_sq_err: Tensor, sum_abs_rel: Tensor, sum_sq_log_err: Tensor, n_valid: Tensor, n_delta1: Tensor
+    sum_sq_err: Tensor,
+    sum_abs_rel: Tensor,
+    sum_sq_log_err: Tensor,
+    n_valid: Tensor,
+    n_delta1: Tensor,
+    sum_abs_err: Tensor,
 ) -> dict[str, Tensor]:
-    """rmse / abs_rel / log_rmse over all valid pixels of the split (not per-image means); delta1 in %."""
+    """rmse / abs_err / abs_rel / log_rmse over all valid pixels of the split (not per-image
+    means); delta1 in %."""
     n = n_valid.to(torch.float64)
     return {
         "rmse": torch.sqrt(sum_sq_err / n),
+        "abs_err": sum_abs_err / n,
         "abs_rel": sum_abs_rel / n,
         "log_rmse": torch.sqrt(sum_sq_log_err / n),
         "delta1": n_delta1.to(torch.float64) / n * 100.0,
@@ -302,8 +311,8 @@ def depth_errors(pred: Tensor, target: Tensor, *, protocol: str = DEFAULT_PROTOC
         protocol: ``atrc`` / ``mtinet`` (these keys) or ``invpt`` (adds ``sq_rel``), see ``DepthMetrics``.
 
     Returns:
-        ``{"rmse", "abs_rel", "log_rmse", "delta1"}``; rmse = sqrt(sum (p-g)^2 / N_valid),
-        abs_rel = mean |p-g|/g, log_rmse = sqrt(mean (log p - log g)^2) (natural log),
+        ``{"rmse", "abs_err", "abs_rel", "log_rmse", "delta1"}``; rmse = sqrt(sum (p-g)^2 / N_valid),
+        abs_err = mean |p-g| (MTAN's and EMA-Net's "abs"), abs_rel = mean |p-g|/g, log_rmse = sqrt(mean (log p - log g)^2) (natural log),
         delta1 = % of valid pixels with max(p/g, g/p) < 1.25; under ``invpt`` also
         sq_rel = mean (p-g)^2/g. Non-positive predictions become 1e-9. All NaN if no pixel is valid.
     """
