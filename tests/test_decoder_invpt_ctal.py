@@ -162,7 +162,7 @@ def test_ctal_decoder_outputs_and_parameter_formula():
     out = decoder(random_features(CNN, (64, 80)))
     assert out["semseg"].shape == (2, 5, 32, 40)  # affinities on the fused stride-4 map, final at stride 2
     assert out["aux"]["initial"]["depth"].shape == (2, 1, 16, 20)
-    assert sum(p.numel() for p in decoder.fusion.parameters()) == 16 * 20 * (len(TASKS) * 9 + 1)
+    assert sum(p.numel() for p in decoder.affinity.fusion.parameters()) == 16 * 20 * (len(TASKS) * 9 + 1)
     # the authors' full-width fusion of all four levels: 4 + 8 + 16 + 32 channels
     assert decoder.fuse.out_channels == 60 and decoder.levels == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="gamma"):
@@ -190,7 +190,7 @@ def test_ctal_propagation_mixes_tasks():
     features = random_features(CNN, (64, 80))
     with torch.no_grad():
         before = decoder(features)
-        handle = decoder.conv_in["depth"].register_forward_hook(lambda m, i, out: out * 2.0 + 1.0)
+        handle = decoder.affinity.conv_in["depth"].register_forward_hook(lambda m, i, out: out * 2.0 + 1.0)
         after = decoder(features)
         handle.remove()
     assert not torch.allclose(before["semseg"], after["semseg"])

@@ -137,7 +137,7 @@ def test_fpm_channel_groups_is_the_code_bases_view_softmax():
 
 def test_mtinet_propagates_coarse_information_to_finer_scales_only():
     decoder = _build(MTINetDecoder)
-    maps = [pyramid(_features(CNN))[0] for pyramid in decoder.pyramid]
+    maps = [pyramid(_features(CNN))[0] for pyramid in decoder.multiscale.pyramid]
     with torch.no_grad():
         base = decoder.decode(maps)
         coarse = decoder.decode([*maps[:3], maps[3] + torch.randn_like(maps[3])])
@@ -157,7 +157,7 @@ def test_mtinet_final_output_depends_on_the_other_tasks_at_every_scale():
     with torch.no_grad():
         base = decoder(feats)
         for i in range(4):  # perturb depth's features after FPM, before distillation, at one scale
-            refine = decoder.initial[i].refine["depth"]
+            refine = decoder.multiscale.initial[i].refine["depth"]
             handle = refine.register_forward_hook(lambda m, inp, o: o + 1.0)
             try:
                 changed = decoder(feats)
@@ -229,12 +229,12 @@ def test_padnet_fuses_hrnet_branches_at_their_summed_width_and_projects_a_vit():
 
 def test_mtinet_reads_the_backbone_levels_when_they_have_the_scales_widths():
     direct = _build(MTINetDecoder, backbone=HRNET)  # channels=8: widths 8/16/32/64 = the branches
-    assert direct.pyramid is None and direct.levels == [0, 1, 2, 3]
+    assert direct.multiscale.pyramid is None and direct.multiscale.levels == [0, 1, 2, 3]
     feats = _features(HRNET)
     with torch.no_grad():
         torch.testing.assert_close(direct(feats)["depth"], direct.decode(feats)["depth"])
-    assert _build(MTINetDecoder, backbone=HRNET, inputs="pyramid").pyramid is not None
-    assert _build(MTINetDecoder, backbone=CNN).pyramid is not None  # widths differ: auto -> pyramid
+    assert _build(MTINetDecoder, backbone=HRNET, inputs="pyramid").multiscale.pyramid is not None
+    assert _build(MTINetDecoder, backbone=CNN).multiscale.pyramid is not None  # widths differ: auto -> pyramid
     with pytest.raises(ValueError, match="decoder.inputs=levels"):
         _build(MTINetDecoder, backbone=CNN, inputs="levels")
 
@@ -252,7 +252,7 @@ def test_auxiliary_tasks_get_only_intermediate_predictions_and_still_send(cls):
         for maps in out["aux"].values():
             assert set(maps) == set(tasks)
         # an auxiliary task's features reach the final predictions through the distillation
-        initial = decoder.initial["normals"] if cls is PADNetDecoder else decoder.initial[0].refine["normals"]
+        initial = decoder.initial["normals"] if cls is PADNetDecoder else decoder.multiscale.initial[0].refine["normals"]
         handle = initial.register_forward_hook(lambda m, i, o: o + 1.0)
         try:
             changed = decoder(feats)

@@ -56,7 +56,7 @@ def test_outputs_and_intermediates_equal_the_authors(dataset, make_cfg):
     record, model = load_reference(f"ctal_{dataset}", make_cfg)
     assert model.backbone.mean.flatten().tolist() == record["mean"]  # their images go in as they are
     assert model.backbone.std.flatten().tolist() == record["std"]
-    assert model.decoder.gamma == pytest.approx(record["gamma"])
+    assert model.decoder.affinity.gamma == pytest.approx(record["gamma"])
     _compare(*_forward(model, record), record, dataset)
 
 
@@ -89,7 +89,7 @@ def test_import_is_strict_and_drops_only_the_loss_weights():
     # their Uncertainty loss weighting keeps log-variances beside the network: no weights of ours
     with_loss = {**state, "criterion.loss_weighting.weights.semseg": torch.zeros(())}
     assert set(to_ours(with_loss, tasks=["semseg", "depth"])) == set(ours)
-    assert "decoder.fuse.fuse.0.weight" in ours and "decoder.fusion.conv.weight" in ours
+    assert "decoder.fuse.fuse.0.weight" in ours and "decoder.affinity.fusion.conv.weight" in ours
     assert any(k.startswith("backbone.model.stage4.") for k in ours)
     with pytest.raises(ValueError, match="model.something_new"):
         to_ours({**state, "model.something_new.weight": torch.zeros(1)}, tasks=["semseg", "depth"])
@@ -111,7 +111,7 @@ def test_mtl_import_writes_a_checkpoint_of_their_weights(make_cfg, tmp_path):
     assert facts.tasks == record["tasks"] and facts.task_channels == record["task_channels"]
     theirs = read_state(path)
     for ours, key in (
-        ("model.decoder.fusion.conv.weight", "model.affinity_learning_module.spatial_att.fusion.weight"),
+        ("model.decoder.affinity.fusion.conv.weight", "model.affinity_learning_module.spatial_att.fusion.weight"),
         (
             "model.backbone.model.stage4.0.branches.3.1.conv2.weight",
             "model.backbone.0.stage4.0.branches.3.1.conv2.weight",

@@ -45,8 +45,8 @@ def test_outputs_and_initial_predictions_equal_the_authors(reference):
     record, model, out, _, _ = reference
     assert model.backbone.mean.flatten().tolist() == record["mean"]  # their images go in as they are
     assert model.backbone.std.flatten().tolist() == record["std"]
-    assert model.decoder.gamma == pytest.approx(record["gamma"])
-    assert model.decoder.levels == [0, 1, 2, 3]  # the HRNet branches are the scales, no pyramid
+    assert model.decoder.affinity.gamma == pytest.approx(record["gamma"])
+    assert model.decoder.multiscale.levels == [0, 1, 2, 3]  # the HRNet branches are the scales, no pyramid
     assert set(out) - {"aux"} == set(record["outputs"]) and set(out["aux"]) == set(record["aux"])
     for task, theirs in record["outputs"].items():
         assert_equal_to_reference(out[task], theirs, f"final {task}")
@@ -109,7 +109,11 @@ def test_import_is_strict_and_needs_their_task_order():
     # their Uncertainty loss weighting keeps log-variances beside the network: no weights of ours
     with_loss = {**state, "criterion.loss_weighting.weights.semseg": torch.zeros(())}
     assert set(to_ours(with_loss, tasks=tasks)) == set(ours)
-    assert {"decoder.fusion.conv.weight", "decoder.fuse.depth.fuse.0.weight", "decoder.fpm.scale_32.reduce.body.1.weight"} <= set(ours)
+    assert {
+        "decoder.affinity.fusion.conv.weight",
+        "decoder.fuse.depth.fuse.0.weight",
+        "decoder.multiscale.fpm.scale_32.reduce.body.1.weight",
+    } <= set(ours)
     assert any(k.startswith("backbone.model.stage4.") for k in ours)
     with pytest.raises(ValueError, match="model.something_new"):
         to_ours({**state, "model.something_new.weight": torch.zeros(1)}, tasks=tasks)
@@ -134,7 +138,7 @@ def test_configuration_errors_name_the_key_and_a_vit_gets_a_pyramid():
     # ViT-like levels (all at stride 16): the scales come from ScalePyramid; the fusion's weights
     # are resampled from the 4x4 grid to the 8x8 grid of a 32x32 input
     decoder = MEMANetDecoder(in_channels=[6, 6], strides=[16, 16], task_channels=tasks, **kwargs).eval()
-    assert decoder.levels is None and decoder.pyramid is not None
+    assert decoder.multiscale.levels is None and decoder.multiscale.pyramid is not None
     with torch.no_grad():
         out = decoder([torch.randn(2, 6, 2, 2), torch.randn(2, 6, 2, 2)])
     assert out["semseg"].shape == (2, 3, 16, 16) and out["depth"].shape == (2, 1, 16, 16)

@@ -44,7 +44,7 @@ def _run(name: str, make_cfg) -> tuple[dict, dict, dict]:
         hooks.append(decoder.fuse.register_forward_hook(lambda m, i, o: seen.__setitem__("fused", o)))
         hooks.append(decoder.distill.register_forward_hook(lambda m, i, o: seen.__setitem__("distilled", o)))
     else:
-        for key, fpm in decoder.fpm.items():
+        for key, fpm in decoder.multiscale.fpm.items():
             hooks.append(fpm.register_forward_hook(lambda m, i, o, key=key: seen["propagated"].__setitem__(key, o)))
         for stride, distill in zip(decoder.scales, decoder.distill):
             hooks.append(
@@ -140,7 +140,7 @@ def test_mtl_import_writes_a_checkpoint_with_the_authors_weights(make_cfg, tmp_p
     theirs = read_state(FIXTURES / "mtinet_nyud_en.pth")
     for ours_key, their_key in [
         ("model.backbone.model.stage4.1.fuse_layers.0.3.0.weight", "backbone.stage4.1.fuse_layers.0.3.0.weight"),
-        ("model.decoder.fpm.scale_32.excite.edge.mlp.2.bias", "fpm_scale_3.se.edge.squeeze.2.bias"),
+        ("model.decoder.multiscale.fpm.scale_32.excite.edge.mlp.2.bias", "fpm_scale_3.se.edge.squeeze.2.bias"),
         ("model.decoder.heads.depth.1.weight", "heads.depth.last_layer.3.weight"),
     ]:
         assert state[ours_key].dtype == torch.float32

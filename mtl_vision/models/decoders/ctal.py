@@ -23,6 +23,9 @@ layer for layer:
 6. Final predictions: per task a 2x2 stride-2 transposed conv, BN, ReLU, 3x3 conv (features at
    half the stride), then two bottlenecks and a 1x1 prediction layer.
 
+Steps 3-5 and the up-projection of step 6 are `CrossTaskAffinity`, the heads `bottleneck_heads`;
+MEMANet (`memanet.py`) shares both.
+
 The grouped convolution has weights per query position, so it is defined on the grid of the
 training crop (`grid`; the authors take their TRAIN.SCALE // 4). The authors' model cannot run on
 another grid; here its weights and biases, viewed as maps over the query positions, are then
@@ -50,7 +53,7 @@ from torch import Tensor, nn
 from mtl_vision.models.decoders.common import FuseScales, HRNetFuse, resize_to, select_levels
 from mtl_vision.models.decoders.padnet import Bottleneck
 
-__all__ = ["AffinityFusion", "CTALDecoder", "task_affinities"]
+__all__ = ["AffinityFusion", "CTALDecoder", "CrossTaskAffinity", "bottleneck_heads", "task_affinities"]
 
 FUSES = ("hrnet", "project")
 PROPAGATIONS = ("sum", "mean")
@@ -117,6 +120,93 @@ def _bottlenecks(in_channels: int, channels: int) -> list[nn.Module]:
     return [Bottleneck(in_channels, channels), Bottleneck(channels, channels)]
 
 
+def bottleneck_heads(channels: int, task_channels: Mapping[str, int]) -> nn.ModuleDict:
+    """The final heads (step 6): per task two bottlenecks of width `channels` and a 1x1 prediction
+    layer, (N, channels, H, W) -> (N, task_channels[task], H, W)."""
+    return nn.ModuleDict(
+        {t: nn.Sequential(*_bottlenecks(channels, channels), nn.Conv2d(channels, c, 1)) for t, c in task_channels.items()}
+    )
+
+
+class CrossTaskAffinity(nn.Module):
+    """Steps 3-5 and the up-projection of step 6 of the module docstring, shared by MEMANet.
+
+    Args:
+        tasks: task names; their order is the order of the tasks in the fusion's interleaved channels.
+        in_channels: width of every task's input features.
+        channels: width of the features whose affinities are taken and propagated (the authors: 128).
+        grid, kernel_size: of the grouped fusion (`AffinityFusion`).
+        gamma: blend of the propagated features, gamma * spread + (1 - gamma) * conv-in features,
+            in (0, 1].
+        propagation: "sum" (the authors) or "mean" (divided by the number of positions).
+
+    `forward({task: (N, in_channels, h, w)})` returns {task: (N, channels, 2h, 2w)}: per task a
+    1x1 conv (with bias) to `channels`, the affinities of all tasks fused into one (P, P) matrix M,
+    the 3x3 value projection spread by M and blended, then a 2x2 stride-2 transposed conv, BN, ReLU,
+    3x3 conv. With `return_intermediates` also {"affinities": {task: (N, P, P)}, "fused_affinity":
+    (N, P, P), "propagated": {task: (N, channels, h, w)}}.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        in_channels: int,
+        channels: int,
+        grid: Sequence[int],
+        gamma: float = 0.05,
+        kernel_size: int = 3,
+        propagation: str = "sum",
+    ) -> None:
+        super().__init__()
+        if not 0.0 < gamma <= 1.0:
+            # gamma = 0 would leave the fusion and value convolutions without gradient
+            raise ValueError(f"decoder.gamma must lie in (0, 1], got {gamma}")
+        if propagation not in PROPAGATIONS:
+            raise ValueError(f"decoder.propagation={propagation!r}: expected one of {PROPAGATIONS}")
+        self.tasks = list(tasks)
+        self.gamma, self.propagation = float(gamma), propagation
+        self.conv_in = nn.ModuleDict({t: nn.Conv2d(in_channels, channels, 1) for t in self.tasks})
+        self.fusion = AffinityFusion(len(self.tasks), grid, kernel_size)
+        self.value = nn.ModuleDict({t: nn.Conv2d(channels, channels, 3, padding=1) for t in self.tasks})
+        self.conv_out = nn.ModuleDict(
+            {
+                t: nn.Sequential(
+                    nn.ConvTranspose2d(channels, channels, 2, stride=2),
+                    nn.BatchNorm2d(channels),
+                    nn.ReLU(inplace=True),
+                    nn.Conv2d(channels, channels, 3, padding=1),
+                )
+                for t in self.tasks
+            }
+        )
+
+    def forward(
+        self, features: Mapping[str, Tensor], return_intermediates: bool = False
+    ) -> dict[str, Tensor] | tuple[dict[str, Tensor], dict]:
+        feats = {t: self.conv_in[t](features[t]) for t in self.tasks}
+        size = tuple(feats[self.tasks[0]].shape[-2:])
+        affinities = task_affinities([feats[t] for t in self.tasks])  # (N, T, P, P)
+        fused = self.fusion(affinities, size)  # (N, P, P)
+        if self.propagation == "mean":
+            fused = fused / fused.shape[-1]
+        propagated = {}
+        for t in self.tasks:
+            value = self.value[t](feats[t])
+            n, c, h, w = value.shape
+            # out(p) = sum_q M[p, q] v(q)
+            spread = torch.bmm(value.flatten(2), fused.transpose(1, 2)).view(n, c, h, w)
+            propagated[t] = self.gamma * spread + (1.0 - self.gamma) * feats[t]
+        out = {t: self.conv_out[t](propagated[t]) for t in self.tasks}
+        if not return_intermediates:
+            return out
+        seen = {
+            "affinities": {t: affinities[:, i] for i, t in enumerate(self.tasks)},
+            "fused_affinity": fused,
+            "propagated": propagated,
+        }
+        return out, seen
+
+
 class CTALDecoder(nn.Module):
     """CTAL / EMA-Net decoder (see the module docstring).
 
@@ -138,7 +228,8 @@ class CTALDecoder(nn.Module):
         propagation: "sum" (the authors) or "mean" (divided by the number of positions).
 
     `forward(features)` returns {task: (N, C_t, 2h, 2w)} and `"aux": {"initial": {task:
-    (N, C_t, h, w)}}`, where (h, w) is the affinity grid of the input.
+    (N, C_t, h, w)}}`, where (h, w) is the affinity grid of the input. Steps 3-5 and the
+    up-projection are `self.affinity` (`CrossTaskAffinity`).
     """
 
     aux_names: tuple[str, ...] = ("initial",)
@@ -162,13 +253,8 @@ class CTALDecoder(nn.Module):
         super().__init__()
         if not task_channels:
             raise ValueError("ctal: no tasks")
-        if not 0.0 < gamma <= 1.0:
-            # gamma = 0 would leave the fusion and value convolutions without gradient
-            raise ValueError(f"decoder.gamma must lie in (0, 1], got {gamma}")
         if fuse not in FUSES:
             raise ValueError(f"decoder.fuse={fuse!r}: expected one of {FUSES}")
-        if propagation not in PROPAGATIONS:
-            raise ValueError(f"decoder.propagation={propagation!r}: expected one of {PROPAGATIONS}")
         if stride is not None and stride < 1:
             raise ValueError(f"decoder.stride must be a positive integer or null, got {stride}")
         dim = affinity_channels or channels // 2
@@ -178,7 +264,7 @@ class CTALDecoder(nn.Module):
                 "(bottlenecks of width / 4)"
             )
         self.tasks = list(task_channels)
-        self.gamma, self.stride, self.propagation = float(gamma), stride, propagation
+        self.stride = stride
         self.levels = select_levels(strides, min_stride=min_stride)
         level_strides = [strides[i] for i in self.levels]
         self._finest_stride = min(level_strides)
@@ -192,23 +278,8 @@ class CTALDecoder(nn.Module):
             shared = channels
         self.initial = nn.ModuleDict({t: nn.Sequential(*_bottlenecks(shared, channels)) for t in self.tasks})
         self.initial_heads = nn.ModuleDict({t: nn.Conv2d(channels, c, 1) for t, c in task_channels.items()})
-        self.conv_in = nn.ModuleDict({t: nn.Conv2d(channels, dim, 1) for t in self.tasks})
-        self.fusion = AffinityFusion(len(self.tasks), grid, kernel_size)
-        self.value = nn.ModuleDict({t: nn.Conv2d(dim, dim, 3, padding=1) for t in self.tasks})
-        self.conv_out = nn.ModuleDict(
-            {
-                t: nn.Sequential(
-                    nn.ConvTranspose2d(dim, dim, 2, stride=2),
-                    nn.BatchNorm2d(dim),
-                    nn.ReLU(inplace=True),
-                    nn.Conv2d(dim, dim, 3, padding=1),
-                )
-                for t in self.tasks
-            }
-        )
-        self.heads = nn.ModuleDict(
-            {t: nn.Sequential(*_bottlenecks(dim, dim), nn.Conv2d(dim, c, 1)) for t, c in task_channels.items()}
-        )
+        self.affinity = CrossTaskAffinity(self.tasks, channels, dim, grid, gamma, kernel_size, propagation)
+        self.heads = bottleneck_heads(dim, task_channels)
         # set `record_intermediates` to keep the shared map, the affinities, the fused affinity
         # and the propagated features of the last forward in `last_intermediates` (tests)
         self.record_intermediates = False
@@ -228,33 +299,11 @@ class CTALDecoder(nn.Module):
 
     def forward(self, features: Sequence[Tensor]) -> dict:
         shared = self.shared(features)
-        size = tuple(shared.shape[-2:])
-
-        initial, feats = {}, {}
-        for t in self.tasks:
-            task_feat = self.initial[t](shared)
-            initial[t] = self.initial_heads[t](task_feat)
-            feats[t] = self.conv_in[t](task_feat)
-
-        affinities = task_affinities([feats[t] for t in self.tasks])  # (N, T, P, P)
-        fused = self.fusion(affinities, size)  # (N, P, P)
-        if self.propagation == "mean":
-            fused = fused / fused.shape[-1]
-        out: dict = {}
-        propagated = {}
-        for t in self.tasks:
-            value = self.value[t](feats[t])
-            n, c, h, w = value.shape
-            # out(p) = sum_q M[p, q] v(q)
-            spread = torch.bmm(value.flatten(2), fused.transpose(1, 2)).view(n, c, h, w)
-            propagated[t] = self.gamma * spread + (1.0 - self.gamma) * feats[t]
-            out[t] = self.heads[t](self.conv_out[t](propagated[t]))
+        task_features = {t: self.initial[t](shared) for t in self.tasks}
+        initial = {t: self.initial_heads[t](task_features[t]) for t in self.tasks}
+        up, seen = self.affinity(task_features, return_intermediates=True)
         if self.record_intermediates:
-            self.last_intermediates = {
-                "shared": shared,
-                "affinities": {t: affinities[:, i] for i, t in enumerate(self.tasks)},
-                "fused_affinity": fused,
-                "propagated": propagated,
-            }
+            self.last_intermediates = {"shared": shared, **seen}
+        out: dict = {t: self.heads[t](up[t]) for t in self.tasks}
         out["aux"] = {"initial": initial}
         return out

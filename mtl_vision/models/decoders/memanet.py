@@ -31,15 +31,12 @@ of the finest scale (6912 at the authors' 288x384: 191 MB per task and image in 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from itertools import pairwise
 
-import torch
 from torch import Tensor, nn
 
-from mtl_vision.models.decoders.common import HRNetFuse, ScalePyramid
-from mtl_vision.models.decoders.ctal import AffinityFusion, task_affinities
-from mtl_vision.models.decoders.mtinet import FPM_SOFTMAX, INPUTS, FeaturePropagation, _InitialPrediction, _levels_at
-from mtl_vision.models.decoders.padnet import Bottleneck
+from mtl_vision.models.decoders.common import HRNetFuse
+from mtl_vision.models.decoders.ctal import CrossTaskAffinity, bottleneck_heads
+from mtl_vision.models.decoders.mtinet import MultiScaleTaskFeatures
 
 __all__ = ["MEMANetDecoder"]
 
@@ -66,6 +63,7 @@ class MEMANetDecoder(nn.Module):
 
     `forward(features)` returns {task: (N, C_t, 2h, 2w)}, where (h, w) is the finest scale's size
     (H/scales[0], W/scales[0]), and "aux": {"scale_<s>": {task: initial prediction at stride s}}.
+    Step 1 is `self.multiscale`, step 3 `self.affinity` and `self.heads`.
     """
 
     aux_names: tuple[str, ...] = ("scale_4", "scale_8", "scale_16", "scale_32")
@@ -90,72 +88,20 @@ class MEMANetDecoder(nn.Module):
         super().__init__()
         if not task_channels:
             raise ValueError("memanet: no tasks")
-        scales = [int(s) for s in scales]
-        if not scales or any(b <= a for a, b in pairwise(scales)):
-            raise ValueError(f"decoder.scales must be strictly increasing strides, got {scales}")
-        if len(width_multipliers) != len(scales):
-            raise ValueError(f"decoder.width_multipliers {list(width_multipliers)} needs one entry per scale {scales}")
-        if inputs not in INPUTS:
-            raise ValueError(f"decoder.inputs must be one of {INPUTS}, got {inputs!r}")
-        if fpm_softmax not in FPM_SOFTMAX:
-            raise ValueError(f"decoder.fpm_softmax must be one of {FPM_SOFTMAX}, got {fpm_softmax!r}")
-        if not 0.0 < gamma <= 1.0:
-            # gamma = 0 would leave the fusion and value convolutions without gradient
-            raise ValueError(f"decoder.gamma must lie in (0, 1], got {gamma}")
         if affinity_channels < 4:
             raise ValueError(f"decoder.affinity_channels must be >= 4 (bottlenecks of width / 4), got {affinity_channels}")
         self.tasks = list(task_channels)
-        self.gamma = float(gamma)
-        self.scales = scales
-        self.aux_names = tuple(f"scale_{s}" for s in scales)
-        self.widths = [channels * int(m) for m in width_multipliers]
-        levels = _levels_at(in_channels, strides, scales, self.widths)
-        if inputs == "levels" and levels is None:
-            raise ValueError(
-                f"decoder.inputs=levels needs backbone levels at strides {scales} with widths {self.widths} "
-                f"(decoder.channels * decoder.width_multipliers); the backbone has strides {list(strides)}, "
-                f"channels {list(in_channels)}"
-            )
-        if inputs == "pyramid" or levels is None:
-            self.levels: list[int] | None = None
-            self.pyramid: nn.ModuleList | None = nn.ModuleList(
-                ScalePyramid(in_channels, strides, w, out_strides=[s]) for s, w in zip(scales, self.widths)
-            )
-        else:
-            self.levels, self.pyramid = levels, None
-        last = len(scales) - 1
-        self.initial = nn.ModuleList(
-            _InitialPrediction(w + (self.widths[i + 1] if i < last else 0), w, task_channels)
-            for i, w in enumerate(self.widths)
+        self.multiscale = MultiScaleTaskFeatures(
+            in_channels=in_channels, strides=strides, task_channels=task_channels, channels=channels,
+            width_multipliers=width_multipliers, scales=scales, se_reduction=se_reduction, fpm_softmax=fpm_softmax,
+            inputs=inputs,
         )
-        self.fpm = nn.ModuleDict(
-            {
-                f"scale_{s}": FeaturePropagation(self.tasks, w, se_reduction, softmax=fpm_softmax)
-                for s, w in zip(scales[1:], self.widths[1:])
-            }
-        )
-        self.fuse = nn.ModuleDict({t: HRNetFuse(self.widths) for t in self.tasks})
-        dim, fused = affinity_channels, sum(self.widths)
-        self.conv_in = nn.ModuleDict({t: nn.Conv2d(fused, dim, 1) for t in self.tasks})
-        self.fusion = AffinityFusion(len(self.tasks), grid, kernel_size)
-        self.value = nn.ModuleDict({t: nn.Conv2d(dim, dim, 3, padding=1) for t in self.tasks})
-        self.conv_out = nn.ModuleDict(
-            {
-                t: nn.Sequential(
-                    nn.ConvTranspose2d(dim, dim, 2, stride=2),
-                    nn.BatchNorm2d(dim),
-                    nn.ReLU(inplace=True),
-                    nn.Conv2d(dim, dim, 3, padding=1),
-                )
-                for t in self.tasks
-            }
-        )
-        self.heads = nn.ModuleDict(
-            {
-                t: nn.Sequential(Bottleneck(dim, dim), Bottleneck(dim, dim), nn.Conv2d(dim, c, 1))
-                for t, c in task_channels.items()
-            }
-        )
+        self.aux_names = self.multiscale.names
+        widths = self.multiscale.widths
+        self.fuse = nn.ModuleDict({t: HRNetFuse(widths) for t in self.tasks})
+        fused = sum(widths)
+        self.affinity = CrossTaskAffinity(self.tasks, fused, affinity_channels, grid, gamma, kernel_size)
+        self.heads = bottleneck_heads(affinity_channels, task_channels)
         # set `record_intermediates` to keep the per-scale task features, the FPM outputs, the
         # fused maps, the affinities, the fused affinity and the propagated features of the last
         # forward in `last_intermediates` (tests)
@@ -163,44 +109,19 @@ class MEMANetDecoder(nn.Module):
         self.last_intermediates: dict = {}
 
     def forward(self, features: Sequence[Tensor]) -> dict:
-        if self.pyramid is None:
-            maps = [features[i] for i in self.levels]
-        else:
-            maps = [pyramid(features)[0] for pyramid in self.pyramid]
         # 1. MTI-Net's scales, coarse to fine
-        task_features: list[dict[str, Tensor]] = [{} for _ in self.scales]
-        aux: dict[str, dict[str, Tensor]] = {}
-        propagated: dict[str, dict[str, Tensor]] = {}
-        incoming = None
-        for i in reversed(range(len(self.scales))):
-            name = f"scale_{self.scales[i]}"
-            task_features[i], aux[name] = self.initial[i](maps[i], incoming)
-            if i > 0:
-                incoming = propagated[name] = self.fpm[name](task_features[i])
+        scaled = self.multiscale(features)
         # 2. every task's scales fused at full width
-        fused = {t: self.fuse[t]([f[t] for f in task_features]) for t in self.tasks}
+        fused = {t: self.fuse[t]([f[t] for f in scaled.features]) for t in self.tasks}
         # 3. CTAL on the fused maps
-        feats = {t: self.conv_in[t](fused[t]) for t in self.tasks}
-        size = tuple(fused[self.tasks[0]].shape[-2:])
-        affinities = task_affinities([feats[t] for t in self.tasks])  # (N, T, P, P)
-        affinity = self.fusion(affinities, size)  # (N, P, P)
-        out: dict = {}
-        blended = {}
-        for t in self.tasks:
-            value = self.value[t](feats[t])
-            n, c, h, w = value.shape
-            # out(p) = sum_q M[p, q] v(q)
-            spread = torch.bmm(value.flatten(2), affinity.transpose(1, 2)).view(n, c, h, w)
-            blended[t] = self.gamma * spread + (1.0 - self.gamma) * feats[t]
-            out[t] = self.heads[t](self.conv_out[t](blended[t]))
+        up, seen = self.affinity(fused, return_intermediates=True)
         if self.record_intermediates:
             self.last_intermediates = {
-                "scale_features": {f"scale_{s}": f for s, f in zip(self.scales, task_features)},
-                "fpm": propagated,
+                "scale_features": dict(zip(self.multiscale.names, scaled.features)),
+                "fpm": scaled.propagated,
                 "fused": fused,
-                "affinities": {t: affinities[:, i] for i, t in enumerate(self.tasks)},
-                "fused_affinity": affinity,
-                "propagated": blended,
+                **seen,
             }
-        out["aux"] = {name: aux[name] for name in self.aux_names}
+        out: dict = {t: self.heads[t](up[t]) for t in self.tasks}
+        out["aux"] = scaled.predictions
         return out

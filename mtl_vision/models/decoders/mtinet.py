@@ -25,6 +25,7 @@ The scales' maps are the backbone levels themselves when the backbone has levels
 strides with the configured widths (HRNet-18's branches 18/36/72/144 with the defaults), as in the
 code base; otherwise `ScalePyramid` builds them (a projection per level on other CNNs, a resampled
 pyramid on a ViT's stride-16 levels). The width of scale i is `channels * width_multipliers[i]`.
+The inputs and steps 1-2 are `MultiScaleTaskFeatures`, which MEMANet (`memanet.py`) shares.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from itertools import pairwise
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +42,14 @@ from mtl_vision.layers import ConvBNReLU, shortcut
 from mtl_vision.models.decoders.common import HRNetFuse, ScalePyramid, resize_to
 from mtl_vision.models.decoders.padnet import MultiModalDistillation, final_tasks_of
 
-__all__ = ["BasicBlock", "FeaturePropagation", "MTINetDecoder", "SqueezeExcitation"]
+__all__ = [
+    "BasicBlock",
+    "FeaturePropagation",
+    "MTINetDecoder",
+    "MultiScaleTaskFeatures",
+    "ScaleFeatures",
+    "SqueezeExcitation",
+]
 
 FPM_SOFTMAX = ("channel_groups", "tasks")
 INPUTS = ("auto", "levels", "pyramid")
@@ -185,7 +194,7 @@ class MTINetDecoder(nn.Module):
 
     `forward(features)` returns {task: (N, task_channels[task], H/scales[0], W/scales[0])} for each
     of `final_tasks` and "aux": {"scale_<s>": {task: initial prediction at stride s}} for every
-    scale and task.
+    scale and task. Steps 1-2 are `self.multiscale` (`MultiScaleTaskFeatures`).
     """
 
     aux_names: tuple[str, ...] = ("scale_4", "scale_8", "scale_16", "scale_32")
@@ -208,6 +217,82 @@ class MTINetDecoder(nn.Module):
         super().__init__()
         if not task_channels:
             raise ValueError("MTINetDecoder needs at least one task")
+        self.tasks = list(task_channels)
+        self.final_tasks = final_tasks_of(task_channels, auxiliary_tasks)
+        self.auxiliary_tasks = [t for t in self.tasks if t not in self.final_tasks]
+        self.multiscale = MultiScaleTaskFeatures(
+            in_channels=in_channels, strides=strides, task_channels=task_channels, channels=channels,
+            width_multipliers=width_multipliers, scales=scales, se_reduction=se_reduction, fpm_softmax=fpm_softmax,
+            inputs=inputs,
+        )
+        self.scales, self.widths = self.multiscale.scales, self.multiscale.widths
+        self.output_stride = self.scales[0]
+        self.aux_names = self.multiscale.names
+        self.distill = nn.ModuleList(
+            MultiModalDistillation(self.tasks, w, gate=gate, receivers=self.final_tasks) for w in self.widths
+        )
+        total = sum(self.widths)
+        self.heads = nn.ModuleDict(
+            {t: nn.Sequential(HRNetFuse(self.widths), nn.Conv2d(total, task_channels[t], 1)) for t in self.final_tasks}
+        )
+
+    def forward(self, features: Sequence[Tensor]) -> dict:
+        return self.decode(self.multiscale.inputs_of(features))
+
+    def decode(self, maps: Sequence[Tensor]) -> dict:
+        """The decoder after its inputs: `maps[i]` is (N, widths[i], H/scales[i], W/scales[i])."""
+        scaled = self.multiscale.propagate(maps)
+        distilled = [distill(f) for distill, f in zip(self.distill, scaled.features)]
+        out: dict = {t: self.heads[t]([d[t] for d in distilled]) for t in self.final_tasks}
+        out["aux"] = scaled.predictions
+        return out
+
+
+class ScaleFeatures(NamedTuple):
+    """What `MultiScaleTaskFeatures` computes.
+
+    features: per scale, finest first, {task: (N, widths[i], H/scales[i], W/scales[i])}.
+    predictions: {"scale_<s>": {task: initial prediction at stride s}}, finest first.
+    propagated: {"scale_<s>": {task: FPM output}} for every scale but the finest, coarsest first.
+    """
+
+    features: list[dict[str, Tensor]]
+    predictions: dict[str, dict[str, Tensor]]
+    propagated: dict[str, dict[str, Tensor]]
+
+
+class MultiScaleTaskFeatures(nn.Module):
+    """MTI-Net's per-scale task features (steps 1-2 of the module docstring), shared by MEMANet.
+
+    Args:
+        in_channels, strides: of the backbone levels.
+        task_channels: output channels per task; their order is the FPM's order of concatenation.
+        channels: task feature width at the finest scale.
+        width_multipliers: width of scale i = channels * width_multipliers[i].
+        scales: strides of the scales, finest first, strictly increasing.
+        se_reduction: reduction of the FPM's squeeze-and-excitation.
+        fpm_softmax: "channel_groups" (the code base) or "tasks", see `FeaturePropagation`.
+        inputs: where the scales' maps come from, "levels", "pyramid" or "auto" (see `MTINetDecoder`).
+
+    `inputs_of(features)` gives the scales' maps (N, widths[i], H/scales[i], W/scales[i]),
+    `propagate(maps)` runs the scales from the coarsest to the finest and returns `ScaleFeatures`;
+    `forward(features)` is both.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: Sequence[int],
+        strides: Sequence[int],
+        task_channels: Mapping[str, int],
+        channels: int,
+        width_multipliers: Sequence[int],
+        scales: Sequence[int],
+        se_reduction: int = 16,
+        fpm_softmax: str = "channel_groups",
+        inputs: str = "auto",
+    ) -> None:
+        super().__init__()
         scales = [int(s) for s in scales]
         if not scales or any(b <= a for a, b in pairwise(scales)):
             raise ValueError(f"decoder.scales must be strictly increasing strides, got {scales}")
@@ -215,12 +300,11 @@ class MTINetDecoder(nn.Module):
             raise ValueError(f"decoder.width_multipliers {list(width_multipliers)} needs one entry per scale {scales}")
         if inputs not in INPUTS:
             raise ValueError(f"decoder.inputs must be one of {INPUTS}, got {inputs!r}")
+        if fpm_softmax not in FPM_SOFTMAX:
+            raise ValueError(f"decoder.fpm_softmax must be one of {FPM_SOFTMAX}, got {fpm_softmax!r}")
         self.tasks = list(task_channels)
-        self.final_tasks = final_tasks_of(task_channels, auxiliary_tasks)
-        self.auxiliary_tasks = [t for t in self.tasks if t not in self.final_tasks]
         self.scales = scales
-        self.output_stride = scales[0]
-        self.aux_names = tuple(f"scale_{s}" for s in scales)
+        self.names = tuple(f"scale_{s}" for s in scales)
         self.widths = [channels * int(m) for m in width_multipliers]
         levels = _levels_at(in_channels, strides, scales, self.widths)
         if inputs == "levels" and levels is None:
@@ -245,36 +329,32 @@ class MTINetDecoder(nn.Module):
         # FPM at every scale but the finest, feeding the next finer one
         self.fpm = nn.ModuleDict(
             {
-                f"scale_{s}": FeaturePropagation(self.tasks, w, se_reduction, softmax=fpm_softmax)
-                for s, w in zip(scales[1:], self.widths[1:])
+                name: FeaturePropagation(self.tasks, w, se_reduction, softmax=fpm_softmax)
+                for name, w in zip(self.names[1:], self.widths[1:])
             }
         )
-        self.distill = nn.ModuleList(
-            MultiModalDistillation(self.tasks, w, gate=gate, receivers=self.final_tasks) for w in self.widths
-        )
-        total = sum(self.widths)
-        self.heads = nn.ModuleDict(
-            {t: nn.Sequential(HRNetFuse(self.widths), nn.Conv2d(total, task_channels[t], 1)) for t in self.final_tasks}
-        )
 
-    def forward(self, features: Sequence[Tensor]) -> dict:
+    def inputs_of(self, features: Sequence[Tensor]) -> list[Tensor]:
+        """The scales' maps from the backbone levels: the levels themselves or the pyramids' outputs."""
         if self.pyramid is None:
-            return self.decode([features[i] for i in self.levels])
-        return self.decode([pyramid(features)[0] for pyramid in self.pyramid])
+            return [features[i] for i in self.levels]
+        return [pyramid(features)[0] for pyramid in self.pyramid]
 
-    def decode(self, maps: Sequence[Tensor]) -> dict:
-        """The decoder after its inputs: `maps[i]` is (N, widths[i], H/scales[i], W/scales[i])."""
-        task_features: list[dict[str, Tensor]] = [{} for _ in self.scales]
-        aux: dict[str, dict[str, Tensor]] = {}
-        propagated = None
+    def propagate(self, maps: Sequence[Tensor]) -> ScaleFeatures:
+        """From the coarsest scale to the finest: `maps[i]` is (N, widths[i], H/scales[i], W/scales[i])."""
+        features: list[dict[str, Tensor]] = [{} for _ in self.scales]
+        predictions: dict[str, dict[str, Tensor]] = {}
+        propagated: dict[str, dict[str, Tensor]] = {}
+        incoming = None
         for i in reversed(range(len(self.scales))):
-            task_features[i], aux[f"scale_{self.scales[i]}"] = self.initial[i](maps[i], propagated)
+            name = self.names[i]
+            features[i], predictions[name] = self.initial[i](maps[i], incoming)
             if i > 0:
-                propagated = self.fpm[f"scale_{self.scales[i]}"](task_features[i])
-        distilled = [distill(f) for distill, f in zip(self.distill, task_features)]
-        out: dict = {t: self.heads[t]([d[t] for d in distilled]) for t in self.final_tasks}
-        out["aux"] = {name: aux[name] for name in self.aux_names}
-        return out
+                incoming = propagated[name] = self.fpm[name](features[i])
+        return ScaleFeatures(features, {name: predictions[name] for name in self.names}, propagated)
+
+    def forward(self, features: Sequence[Tensor]) -> ScaleFeatures:
+        return self.propagate(self.inputs_of(features))
 
 
 def _levels_at(
