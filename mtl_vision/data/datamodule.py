@@ -13,12 +13,39 @@ from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
+from mtl_vision.constants import IGNORE_INDEX
 from mtl_vision.data.sampling import EpochSampler, ResumableLoader, SeededSamples
+from mtl_vision.data.transforms import BINARY_MAPS, CLASS_MAPS, GEOMETRY
 from mtl_vision.tasks import check_tasks, get_task
+
+TARGET_MAPS = (*CLASS_MAPS, *BINARY_MAPS, *GEOMETRY)
+
+
+def collate_padded_targets(samples: Sequence[dict]) -> dict:
+    """`default_collate`, except that targets of different sizes in one batch (kept at each image's
+    own size, `MTINetValTransform(targets="original")`) are padded at the bottom and right to the
+    largest with the value every loss and metric ignores: 255 for class maps, edges and saliency, 0
+    (invalid) for depth and normals, as `data.transforms.pad_sample` pads. Each sample's own size
+    travels with it (`ORIGINAL_SIZE_KEY`); the images must share one size."""
+    sizes = {tuple(s[k].shape[-2:]) for s in samples for k in TARGET_MAPS if k in s}
+    if len(sizes) <= 1:
+        return default_collate(list(samples))
+    height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+    padded = []
+    for sample in samples:
+        out = dict(sample)
+        for key in TARGET_MAPS:
+            if key in sample:
+                h, w = sample[key].shape[-2:]
+                fill = 0.0 if key in GEOMETRY else IGNORE_INDEX
+                out[key] = F.pad(sample[key], (0, width - w, 0, height - h), value=fill)
+        padded.append(out)
+    return default_collate(padded)
 
 
 def init_worker(worker_id: int) -> None:
@@ -168,7 +195,10 @@ class MultiTaskDataModule(L.LightningDataModule):
             # Lightning's default DistributedSampler pads the split by repeating samples, which
             # biases split-level metrics; each val sample must be seen exactly once over all ranks.
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
-        return DataLoader(dataset, batch_size=self.val_batch_size, shuffle=False, sampler=sampler, **common)
+        return DataLoader(
+            dataset, batch_size=self.val_batch_size, shuffle=False, sampler=sampler,
+            collate_fn=collate_padded_targets, **common,
+        )  # fmt: skip
 
     def _epoch_progress(self) -> tuple[int, int]:
         """(batches of the current epoch that a checkpoint written now holds, batches per epoch),

@@ -13,7 +13,9 @@ these transforms compute what theirs compute:
   on 1 and 0 (PASCAL-Context: zoom 0.75-1.25, +-20 degrees); depth divided by the zoom; the
   in-plane part of each normal turned by the angle; then every map resized to the output size
   (aspect not kept) and the normals divided by (length + float32 eps);
-- test time: the same resize and normals division only.
+- test time: the same resize and normals division only; with `targets="original"` the image
+  only, the targets kept at the image's own size, which is where their published numbers score
+  (`evaluation/evaluate_utils.py save_model_predictions` + `eval_all_results`).
 
 Image and normals interpolate bicubically, every other map nearest. Their `ToTensor` casts the
 float image to uint8 without clipping: numpy's cast of the bicubic overshoot truncates toward
@@ -50,6 +52,9 @@ FLAGS = {
 }
 NORMALS_EPS = np.finfo(np.float32).eps  # FixedResize: n / (|n| + eps)
 NORMALS_DTYPES = ("float32", "float64")
+TARGETS = ("resized", "original")
+# the (H, W) of a sample's targets when they stay at the image's own size (MTINetValTransform)
+ORIGINAL_SIZE_KEY = "original_size"
 
 Planes = dict[str, np.ndarray]  # HxW (one channel) or HxWx3 arrays as their loaders give them
 
@@ -239,14 +244,28 @@ class MTINetValTransform:
     Args:
         size: [height, width].
         normals_dtype: as `MTINetTrainTransform`.
+        targets: "resized" (their test-time pipeline, what their online `eval_model` scores), or
+            "original": only the image is resized, the targets stay at the loader's (the image's
+            own) size and the sample records it under `ORIGINAL_SIZE_KEY`, (2,) int64 (H, W).
+            Validation then brings each prediction back to that size as their
+            `save_model_predictions` does before the evaluators that give their published
+            numbers read it (`engine.module.stored_at_original_size`).
     """
 
-    def __init__(self, *, size: Sequence[int], normals_dtype: str = "float32") -> None:
+    def __init__(self, *, size: Sequence[int], normals_dtype: str = "float32", targets: str = "resized") -> None:
         self.size = _check_size(size, "size")
         self.normals_dtype = _check_normals_dtype(normals_dtype)
+        if targets not in TARGETS:
+            raise ValueError(f"MTINetValTransform targets (data.val_transform.targets) must be one of {TARGETS}, got {targets!r}")
+        self.targets = targets
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        return from_planes(sample, resize_planes(to_planes(sample, self.normals_dtype), self.size))
+        if self.targets == "resized":
+            return from_planes(sample, resize_planes(to_planes(sample, self.normals_dtype), self.size))
+        image = {"image": sample["image"]}
+        out = from_planes(sample, resize_planes(to_planes(image, self.normals_dtype), self.size))
+        out[ORIGINAL_SIZE_KEY] = torch.tensor(tuple(sample["image"].shape[-2:]), dtype=torch.int64)
+        return out
 
 
-__all__ = ["MTINetTrainTransform", "MTINetValTransform"]
+__all__ = ["ORIGINAL_SIZE_KEY", "MTINetTrainTransform", "MTINetValTransform"]

@@ -83,6 +83,11 @@ def task_tiles(task: str, image: Tensor, target: Tensor, pred: Tensor) -> list[n
         image: (3,H,W) in [0,1]; target: as the dataset gives it ((H,W) or (C,H,W));
         pred: the activated prediction (`TaskSpec.activate`) with the same shape as `target`.
     """
+    if pred.shape[-2:] != target.shape[-2:]:  # targets at the image's own size (MTINetValTransform targets="original")
+        size = tuple(target.shape[-2:])
+        image = torch.nn.functional.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+        pred = torch.nn.functional.interpolate(pred.reshape(1, -1, *pred.shape[-2:]).float(), size=size, mode="nearest")
+        pred = pred.reshape(*pred.shape[1:-2], *size) if target.dim() == 3 else pred[0, 0]
     target, pred = target.cpu(), pred.cpu().to(target.dtype)
     width = target.shape[-1]
     # side by side through one colorize call: value ranges (depth) are shared by both tiles

@@ -13,7 +13,13 @@ from torchmetrics import Metric
 
 from mtl_vision.constants import IGNORE_INDEX
 from mtl_vision.metrics.boundary import _boundary_compute, _boundary_update, _to_numpy, boundary_counts
-from mtl_vision.metrics.functional import EDGE_NUM_THRESHOLDS, _check_tolerance, _edge_compute, _edge_update
+from mtl_vision.metrics.functional import (
+    EDGE_NUM_THRESHOLDS,
+    _check_tolerance,
+    _edge_compute,
+    _edge_update,
+    stored_probability,
+)
 
 __all__ = ["EdgeApproxMetrics", "EdgeMetrics"]
 
@@ -33,8 +39,9 @@ class EdgeApproxMetrics(Metric):
         tolerance: match radius as a fraction of the image diagonal (BSDS ``maxDist`` is 0.0075).
         num_thresholds: number of thresholds T.
 
-    ``update(pred, target)``: ``pred`` edge probabilities, (N, H, W) or (N, 1, H, W); ``target``
-    binary edges (> 0.5), 255 = ignored. ``compute()`` returns ``{"odsF_approx"}``.
+    ``update(pred, target)``: ``pred`` edge probabilities, (N, H, W) or (N, 1, H, W) (uint8: a
+    stored map, read as ``q / 255``); ``target`` binary edges (> 0.5), 255 = ignored.
+    ``compute()`` returns ``{"odsF_approx"}``.
     """
 
     is_differentiable = False
@@ -99,7 +106,8 @@ class EdgeMetrics(Metric):
     at the bottom/right edge whose target is entirely 255 are cut before evaluation, so the
     tolerance is measured on the original image's diagonal, as the published protocol does.
 
-    ``update(pred, target)``: ``pred`` edge probabilities in [0, 1], (N, H, W) or (N, 1, H, W);
+    ``update(pred, target)``: ``pred`` edge probabilities in [0, 1], (N, H, W) or (N, 1, H, W), or
+    a uint8 map as MTI-Net stores it (read as ``q / 255``, what its SEISM evaluation reads);
     ``target`` 1 = edge, 0 = background, 255 = ignored (neither GT nor prediction).
     """
 
@@ -128,6 +136,8 @@ class EdgeMetrics(Metric):
 
     def update(self, pred: Tensor, target: Tensor) -> None:
         """Add the BSDS counts of one batch of edge probabilities ``pred`` and edge targets."""
+        if isinstance(pred, Tensor) and pred.dtype == torch.uint8:  # a stored map (MTI-Net's PNG): q / 255
+            pred = stored_probability(pred)
         probs, targets = _to_numpy(pred, "pred"), _to_numpy(target, "target")
         if probs.shape != targets.shape:
             raise ValueError(f"Expected `pred` and `target` of the same shape, got {probs.shape} and {targets.shape}")

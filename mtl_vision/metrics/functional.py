@@ -44,6 +44,7 @@ __all__ = [
     "ods_f_approx",
     "quantise_normals_uint8",
     "quantise_saliency_uint8",
+    "stored_probability",
 ]
 
 # Non-positive depth predictions are replaced by this before every term (as the reference
@@ -452,7 +453,11 @@ def dequantise_normals_uint8(stored: Tensor) -> Tensor:
 
 
 def _protocol_normals(pred: Tensor, protocol: str) -> Tensor:
-    """The prediction a protocol scores: as stored (uint8 round trip) under ``mtinet``, else as is."""
+    """The prediction a protocol scores: a uint8 ``pred`` is a map as MTI-Net stores it and is read
+    back (``dequantise_normals_uint8``) under every protocol; a float one goes through the uint8
+    round trip under ``mtinet`` and is scored as is under the others."""
+    if pred.dtype == torch.uint8:
+        return dequantise_normals_uint8(pred)
     return dequantise_normals_uint8(quantise_normals_uint8(pred)) if protocol == "mtinet" else pred
 
 
@@ -460,10 +465,11 @@ def normal_errors(pred: Tensor, target: Tensor, *, protocol: str = DEFAULT_PROTO
     """Angular errors of surface normals pooled over every valid pixel of the split.
 
     Args:
-        pred: predicted normals, (N, 3, H, W) (normalised to unit length here).
+        pred: predicted normals, (N, 3, H, W) (normalised to unit length here); uint8: the map
+            MTI-Net stores (``quantise_normals_uint8``), read back as ``2 q / 255 - 1``.
         target: ground-truth normals, (N, 3, H, W); pixels with a zero vector are invalid.
-        protocol: ``atrc`` / ``invpt`` score ``pred``; ``mtinet`` scores it after the uint8 round
-            trip of ``quantise_normals_uint8`` (see ``NormalMetrics``).
+        protocol: ``atrc`` / ``invpt`` score ``pred``; ``mtinet`` scores a float ``pred`` after the
+            uint8 round trip of ``quantise_normals_uint8`` (see ``NormalMetrics``).
 
     Returns:
         ``{"mean", "median", "rmse"}`` in degrees (exact median, ``np.median`` semantics) and
@@ -489,11 +495,25 @@ def _saliency_thresholds() -> Tensor:
     return _uniform_thresholds(SALIENCY_NUM_THRESHOLDS)
 
 
+def stored_probability(stored: Tensor) -> Tensor:
+    """A probability map as MTI-Net's evaluators read their uint8 PNG back: ``q / 255`` in float32
+    (``np.array(Image.open(f)).astype(np.float32) / 255.``), same shape."""
+    if not isinstance(stored, Tensor) or stored.dtype != torch.uint8:
+        raise ValueError(f"Expected a uint8 torch.Tensor (a stored map), got {getattr(stored, 'dtype', type(stored))}")
+    return stored.to(torch.float32) / 255.0
+
+
+def _probability(prob: Tensor) -> Tensor:
+    """A saliency / edge map as a floating probability: a uint8 map is a stored one (``q / 255``)."""
+    return stored_probability(prob) if prob.dtype == torch.uint8 else _as_floating(prob)
+
+
 def _saliency_masks(prob: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(prob, valid, salient)`` of a checked (N, H, W) pair; 255 in the target is "don't care"."""
+    """``(prob, valid, salient)`` of a checked (N, H, W) pair; 255 in the target is "don't care".
+    A uint8 ``prob`` is a stored map and comes back as ``q / 255``."""
     prob, target = _check_map_pair(prob, target, "prob", "target")
     valid = target != IGNORE_LABEL
-    return _as_floating(prob), valid, valid & (target > 0.5)
+    return _probability(prob), valid, valid & (target > 0.5)
 
 
 def _saliency_counts(prob: Tensor, valid: Tensor, gt: Tensor) -> tuple[Tensor, Tensor]:
@@ -578,6 +598,9 @@ def _saliency_per_image_update(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """MTI-Net's per-image saliency statistics of one batch, from the uint8-stored prediction
     (``stored=False``: from the float32 ``255 * prob / 255`` that MTLoRA's online meter thresholds).
+    A uint8 ``prob`` is that stored map already (``255 p`` as MTI-Net's ``save_model_predictions``
+    writes it, e.g. after bringing it back to the image's own size): it is read as stored, never
+    quantised again, whatever ``stored`` says.
 
     Returns:
         ``(iou_sum (15,), precision_sum (15,), recall_sum (15,), n_images ())``: float64 sums over
@@ -587,9 +610,12 @@ def _saliency_per_image_update(
         precision = TP / (TP + FP + 1e-12), recall = TP / (TP + FN + 1e-12). Target pixels 255
         are left out of both masks; an image with no other pixel is not counted.
     """
+    given = prob
     prob, valid, gt = _saliency_masks(prob, target)
     num = len(MTINET_SALIENCY_THRESHOLDS)
-    if stored:
+    if given.dtype == torch.uint8:
+        passes = _mtinet_passes(prob.device)[_squeeze_channel(given.detach(), "prob").long()]
+    elif stored:
         passes = _mtinet_passes(prob.device)[quantise_saliency_uint8(prob).long()]
     else:
         thresholds = torch.tensor(MTINET_SALIENCY_THRESHOLDS, dtype=torch.float32, device=prob.device)
@@ -623,7 +649,8 @@ def max_f(prob: Tensor, target: Tensor, *, protocol: str = DEFAULT_PROTOCOL) -> 
     """Saliency scores of a whole split under an evaluation protocol (see ``SaliencyMetrics``).
 
     Args:
-        prob: saliency probabilities, (N, H, W) or (N, 1, H, W).
+        prob: saliency probabilities, (N, H, W) or (N, 1, H, W); uint8: the map MTI-Net stores
+            (``255 p``), read as ``q / 255`` and, by the per-image scores, as stored.
         target: binary ground truth, same shape; 255 = ignored.
         protocol: ``atrc``, ``invpt`` or ``mtinet``.
 
@@ -674,7 +701,7 @@ def _edge_update(
     """Per-threshold matching counts of one batch for the approximate odsF.
 
     Args:
-        prob: edge probabilities, (N, H, W) or (N, 1, H, W).
+        prob: edge probabilities, (N, H, W) or (N, 1, H, W); uint8: a stored map, read as q / 255.
         target: binary edge ground truth (edge where ``> 0.5``), same shape; 255 = ignored.
         tolerance: match distance as a fraction of the image diagonal (BSDS uses 0.0075).
         num_thresholds: T thresholds k / (T + 1), k = 1..T (default 99: 0.01..0.99).
@@ -697,7 +724,7 @@ def _edge_update(
     valid = target != IGNORE_LABEL
     gt = valid & (target > 0.5)
     radius = _edge_radius(prob.shape[-2], prob.shape[-1], tolerance)
-    prob = _as_floating(prob)
+    prob = _probability(prob)  # a uint8 map is a stored one: q / 255
     work = torch.float64 if prob.dtype == torch.float64 else torch.float32
 
     near_gt = _dilate(gt.to(work), radius) > 0

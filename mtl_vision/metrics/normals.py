@@ -47,8 +47,10 @@ class NormalMetrics(Metric):
         bin_width_deg: histogram resolution in degrees, in (0, 180].
         protocol: ``atrc`` (default), ``invpt`` or ``mtinet``.
 
-    ``update(pred, target)``: normal vectors (N, 3, H, W); pred need not be unit length, target
-    pixels with a zero vector are invalid. ``compute()`` returns ``{"mean", "median", "rmse",
+    ``update(pred, target)``: normal vectors (N, 3, H, W); pred need not be unit length, or is the
+    uint8 map MTI-Net stores (``(n + 1) * 255 / 2``, e.g. brought back to each image's own size by
+    validation, ``engine.module``), read back as ``2 q / 255 - 1`` under every protocol and not
+    quantised again; target pixels with a zero vector are invalid. ``compute()`` returns ``{"mean", "median", "rmse",
     "within_11_25", "within_22_5", "within_30"}``.
     """
 

@@ -53,8 +53,11 @@ class SaliencyMetrics(Metric):
             per-image scores of the float probability instead of the uint8-stored one).
 
     ``update(pred, target)``: ``pred`` are probabilities (after the task's activation), (N, H, W)
-    or (N, 1, H, W); ``target`` binary (salient where > 0.5), 255 = ignored (left out of every
-    count; an image with nothing else is not counted by the per-image scores).
+    or (N, 1, H, W), or uint8 maps as MTI-Net stores them (``255 p``, e.g. brought back to each
+    image's own size by validation, ``engine.module``): these are read as ``q / 255`` and, by the
+    per-image scores, as stored, not quantised again; ``target`` binary (salient where > 0.5),
+    255 = ignored (left out of every count; an image with nothing else is not counted by the
+    per-image scores).
     """
 
     is_differentiable = False
