@@ -32,7 +32,7 @@ def _weights(bal) -> list[float]:
 
 
 def test_uncertainty_total_and_zero_gradient_at_log_loss():
-    bal = UncertaintyWeighting(tasks=TASKS)
+    bal = UncertaintyWeighting(tasks=TASKS, init=0.0)  # the default, -0.5, is MTAN's/LibMTL's
     total = bal(_losses(2.0, 0.5))
     # s = 0: 0.5 * 2 + 0.5 * 0.5 + 0
     assert total.item() == pytest.approx(1.25)
@@ -197,7 +197,7 @@ def _first_adam_logits(prev, curr, lr=0.025):
 
 
 def test_famo_next_batch_updates_once_per_step():
-    bal = FAMO(tasks=TASKS)
+    bal = FAMO(tasks=TASKS, update="next_batch")
     assert not bal.needs_losses_after_step
     bal(_losses(2.0, 0.5))
     assert bal.logits.tolist() == [0.0, 0.0]
@@ -240,11 +240,11 @@ def test_famo_same_batch_uses_after_step_losses_and_matches_torch_adam():
 
 
 def test_famo_state_survives_state_dict():
-    bal = FAMO(tasks=TASKS)
+    bal = FAMO(tasks=TASKS, update="next_batch")
     for losses in ([2.0, 0.5], [1.0, 0.4], [0.8, 0.1]):
         bal(_losses(*losses))
         bal.after_step()
-    restored = FAMO(tasks=TASKS)
+    restored = FAMO(tasks=TASKS, update="next_batch")
     restored.load_state_dict(bal.state_dict())
     for key in ("logits", "exp_avg", "exp_avg_sq", "adam_step", "prev_losses", "has_prev"):
         assert torch.equal(getattr(restored, key), getattr(bal, key)), key
@@ -280,9 +280,15 @@ class _Tiny(nn.Module):
         return {t: (self.heads[t](feats) - scale[t]).pow(2).mean() for t in TASKS}
 
 
+def _paper_gradnorm(**kwargs) -> GradNorm:
+    """The paper's parametrisation (the default is LibMTL's, tested against it in
+    test_balancers_reference_weighting.py)."""
+    return GradNorm(tasks=TASKS, weights="renormalised", initial="first_step", **kwargs)
+
+
 def test_gradnorm_gradients_of_weights_and_model():
     model = _Tiny()
-    bal = GradNorm(tasks=TASKS, alpha=1.5)
+    bal = _paper_gradnorm(alpha=1.5, layer=None)
     bal.bind(model)
     assert bal.layer_name == "backbone.2.weight"  # last weight with ndim > 1 of the backbone
     x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
@@ -321,7 +327,7 @@ def test_gradnorm_gradients_of_weights_and_model():
 
 def test_gradnorm_records_initial_losses_and_renormalises():
     model = _Tiny()
-    bal = GradNorm(tasks=TASKS, layer="backbone.0.weight")
+    bal = _paper_gradnorm(layer="backbone.0.weight")
     bal.bind(model)
     losses = model.losses(torch.ones(2, 3))
     bal(losses)
@@ -347,3 +353,102 @@ def test_gradnorm_errors_name_the_problem():
     # outside training (validation) it is the plain weighted sum and needs no bind
     bal = GradNorm(tasks=TASKS).eval()
     assert bal(_losses(1.0, 2.0)).item() == pytest.approx(3.0)
+
+
+def test_gradnorm_default_warms_up_for_an_epoch_on_all_shared_parameters():
+    model = _Tiny()
+    bal = GradNorm(tasks=TASKS)  # LibMTL: softmax weights, equal weighting in epoch 0, all shared parameters
+    bal.bind(model)
+    assert len(bal._shared) == len(list(model.backbone.parameters()))
+    g = torch.Generator().manual_seed(2)
+    seen = []
+    for _ in range(3):  # epoch 0: plain sum, the weights' parameter gets no gradient
+        losses = model.losses(torch.randn(4, 3, generator=g))
+        seen.append([losses[t].item() for t in TASKS])
+        total = bal(losses)
+        assert total.item() == pytest.approx(sum(seen[-1]), rel=1e-6)
+        assert _weights(bal) == [1.0, 1.0]
+    assert not bool(bal.has_initial)
+    bal.on_train_epoch_end()
+    assert bal.initial_losses.tolist() == pytest.approx(torch.tensor(seen).mean(0).tolist(), rel=1e-6)
+    with torch.no_grad():
+        bal.logits.copy_(torch.tensor([0.0, math.log(3.0)]))
+    total = bal(model.losses(torch.randn(4, 3, generator=g)))
+    assert _weights(bal) == pytest.approx([0.5, 1.5])  # T * softmax
+    total.backward()
+    assert bal.logits.grad is not None and bal.logits.grad.abs().sum() > 0
+    bal.on_train_epoch_end()  # later epochs leave L(0) alone
+    assert bal.initial_losses.tolist() == pytest.approx(torch.tensor(seen).mean(0).tolist(), rel=1e-6)
+
+
+class _Dense(nn.Module):
+    """Dense-prediction-like losses: means over 32 x 4096 outputs with small task losses, so the
+    per-element activation gradients (~1e-8) underflow in fp16 unless the loss is scaled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64))
+        self.heads = nn.ModuleDict({t: nn.Linear(64, 4096) for t in TASKS})
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.backbone(x)
+        return {t: (self.heads[t](feats).float() - y[i]).pow(2).mean() * 10.0 ** (i - 3) for i, t in enumerate(TASKS)}
+
+
+def _gradnorm_step(amp: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One GradNorm step after its warm-up epoch, as automatic optimisation runs it under
+    `16-mixed`: the module sets `grad_scale`, the scaler multiplies the total by the same scale and
+    unscales the gradients. Returns the (unscaled) gradients of the logits and of the backbone."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 16, generator=g), torch.randn(2, 32, 4096, generator=g)
+    model = _Dense()
+    bal = GradNorm(tasks=TASKS)
+    bal.bind(model)
+    with torch.autocast("cpu", dtype=torch.float16, enabled=amp):
+        bal(model.losses(x, y))
+    bal.on_train_epoch_end()
+    with torch.no_grad():
+        bal.logits.copy_(torch.tensor([0.7, 1.3]))
+    bal.grad_scale = scale
+    with torch.autocast("cpu", dtype=torch.float16, enabled=amp):
+        total = bal(model.losses(x, y))
+    (total * scale).backward()
+    backbone = torch.cat([p.grad.flatten() for p in model.backbone.parameters()])
+    return bal.logits.grad / scale, backbone / scale
+
+
+def test_gradnorm_weight_gradient_under_fp16_amp_equals_fp32():
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    fp32_logits, fp32_backbone = _gradnorm_step(amp=False, scale=1.0)
+    amp_logits, amp_backbone = _gradnorm_step(amp=True, scale=65536.0)  # GradScaler's initial scale
+    amp_error = rel(amp_backbone, fp32_backbone)  # the weighted loss's own AMP error
+    assert 0 < amp_error < 1e-2
+    assert rel(amp_logits, fp32_logits) <= 2 * amp_error
+    # the losses differentiated unscaled (the old behaviour) lose the small activation gradients
+    unscaled_logits, _ = _gradnorm_step(amp=True, scale=1.0)
+    assert rel(unscaled_logits, fp32_logits) > 10 * amp_error
+
+
+def test_gradnorm_gets_the_grad_scaler_scale_in_training(make_cfg):
+    import lightning as L
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    from torch.utils.data import DataLoader
+
+    from mtl_vision.cli.build import build_datamodule, build_module
+
+    cfg = make_cfg(["balancer=gradnorm", "balancer.initial=first_step"])
+    datamodule = build_datamodule(cfg)
+    datamodule.setup("validate")
+    module = build_module(cfg, datamodule)
+    loader = DataLoader([datamodule.val_set[i] for i in range(4)], batch_size=4)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=65536.0))
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, limit_val_batches=0, num_sanity_val_steps=0, plugins=[plugin],
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=loader)
+    assert module.balancer.grad_scale == 65536.0  # what its per-task gradients were computed with
+    assert torch.isfinite(module.balancer.logits).all()

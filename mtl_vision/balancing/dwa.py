@@ -3,7 +3,9 @@
 
 With `L_t(k)` the mean training loss of task t over window k (an epoch, as in the paper, or a fixed
 number of optimiser steps), the weights of window k are `w_t = T * softmax(r / temperature)_t`,
-`r_t = L_t(k-1) / L_t(k-2)`, and 1 for every task until two windows are complete.
+`r_t = L_t(k-1) / L_t(k-2)`, and 1 for every task until two windows are complete: as lorenmt/mtan
+im2im_pred/utils.py `multi_task_trainer` (commit c36c30baa18968dec74fe9039abcfd4f132edfa1) and
+LibMTL LibMTL/weighting/DWA.py (commit 4336804847eaa5e0b924b743d76beec7ac3fdc97) with epoch windows.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ The objective is the geometric mean `Gm = (prod_t L_t)^(1/T)`. Its gradient is
 `w_t = Gm / (T * L_t)`, the weights computed from the global (process-averaged) losses. The total
 then has the geometric mean's gradient and, on one process, its value. Gm is computed in the log
 domain, with the losses clamped at >= 1e-12 so a zero loss gives a finite (large) weight instead of
-a division by zero.
+a division by zero. The gradient is LibMTL's (LibMTL/weighting/GLS.py, commit
+4336804847eaa5e0b924b743d76beec7ac3fdc97, which backpropagates `prod(L)^(1/T)` directly).
 """
 
 from __future__ import annotations

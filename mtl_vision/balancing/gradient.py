@@ -1,9 +1,9 @@
 """Gradient balancers: aggregate the per-task gradients of the shared part with a torchjd aggregator.
 
-PCGrad (Yu et al., NeurIPS 2020), CAGrad (Liu et al., NeurIPS 2021), Nash-MTL (Navon et al., ICML
-2022), IMTL-G (Liu et al., ICLR 2021), MGDA (Sener & Koltun, NeurIPS 2018), Aligned-MTL (Senushkin
-et al., CVPR 2023), UPGrad (Quinton & Rey, 2024), GradDrop (Chen et al., NeurIPS 2020) and DualProj
-(after GEM, Lopez-Paz & Ranzato 2017) are torchjd's aggregators; this class decides what they see:
+PCGrad (Yu et al., NeurIPS 2020), IMTL-G (Liu et al., ICLR 2021), UPGrad (Quinton & Rey, 2024),
+GradDrop (Chen et al., NeurIPS 2020) and DualProj (after GEM, Lopez-Paz & Ranzato 2017) are
+torchjd's aggregators; CAGrad, Nash-MTL, MGDA and Aligned-MTL are ours, after their authors' code
+(see below). This class decides what they see:
 
 - `mode: params`: the Jacobian of the task losses with respect to the shared parameters (the
   rows are the per-task gradients, LibMTL's "parameter" gradients).
@@ -14,6 +14,12 @@ et al., CVPR 2023), UPGrad (Quinton & Rey, 2024), GradDrop (Chen et al., NeurIPS
 Which parameters are shared is explicit: `shared` lists module prefixes of the model (`backbone` by
 default). Parameters outside it, and parameters inside it that only one task uses, get their plain
 gradient (the sum of the task losses' gradients).
+
+The authors' versions of Aligned-MTL, MGDA, CAGrad and Nash-MTL are our own weightings
+(`balancing.aligned_mtl`, `.mgda`, `.cagrad`, `.nashmtl`, see `balancing.reference`): they may read
+the step's losses and give the task heads weights of their own. `heads: weighted` gives every
+parameter outside the aggregated set the gradient of sum_t w_t L_t (what the authors get by
+back-propagating the weighted loss: MGDA, Nash-MTL); `heads: plain` the plain sum.
 
 Distributed and deterministic: the aggregation runs on values that are identical on every process
 (the Jacobian averaged across processes, or the Gramian summed across them), and random aggregators
@@ -36,8 +42,10 @@ from torchjd.aggregation import Aggregator, GramianWeightedAggregator, WeightedA
 
 from mtl_vision.balancing.base import Balancer
 from mtl_vision.balancing.distributed import seeded_rng
+from mtl_vision.balancing.reference import ReferenceAggregator
 
 MODES = ("params", "features")
+HEADS = ("plain", "weighted")
 
 
 def psd_root(gramian: Tensor) -> Tensor:
@@ -67,6 +75,8 @@ class GradientBalancer(Balancer):
         e.g. ["backbone", "decoder"] for cross-task decoders). `mode: features` takes the
         backbone's output as the shared representation and needs `shared == ["backbone"]`.
     seed: seeds the random choices of random aggregators, per optimiser step.
+    heads: "plain" (parameters outside the aggregated set get the plain sum of the task
+        gradients) or "weighted" (sum_t w_t g_t with the aggregation's head weights).
     """
 
     needs_task_gradients: ClassVar[bool] = True
@@ -79,10 +89,14 @@ class GradientBalancer(Balancer):
         mode: str = "params",
         shared: Sequence[str] = ("backbone",),
         seed: int = 0,
+        heads: str = "plain",
     ) -> None:
         super().__init__(tasks=tasks)
         if mode not in MODES:
             raise ValueError(f"balancer.mode must be one of {list(MODES)}, got {mode!r}")
+        if heads not in HEADS:
+            raise ValueError(f"balancer.heads must be one of {list(HEADS)}, got {heads!r}")
+        self.heads = heads
         if isinstance(shared, str):
             shared = [shared]
         self.shared = [str(s).strip(".") for s in shared]
@@ -144,31 +158,57 @@ class GradientBalancer(Balancer):
         the Gramian gives it the same weights."""
         return isinstance(self.aggregator, WeightedAggregator)
 
-    def weights_from_gramian(self, gramian: Tensor) -> Tensor:
-        """Aggregation weights (T,) from the Gramian of the (global) Jacobian."""
-        agg = self.aggregator
-        gramian = gramian.double()
-        with seeded_rng(self.seed, int(self.steps)):
-            if isinstance(agg, GramianWeightedAggregator):
-                weights = agg.gramian_weighting(gramian)
-            else:
-                weights = agg.weighting(psd_root(gramian))
-        return weights.detach().float()
+    @property
+    def needs_losses(self) -> bool:
+        """Whether the weights read the step's losses (MGDA's loss normalisations)."""
+        weighting = getattr(self.aggregator, "gramian_weighting", None)
+        return getattr(weighting, "normalization", "none") in ("loss", "loss+")
 
-    def aggregate(self, jacobian: Tensor, gramian: Tensor) -> tuple[Tensor, Tensor]:
+    def weigh(self, gramian: Tensor, losses: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """(T, T) Gramian of the (global) Jacobian, optional (T,) global losses -> (aggregation
+        weights (T,), head weights (T,) or None for plain heads), float32."""
+        agg = self.aggregator
+        heads = None
+        with seeded_rng(self.seed, int(self.steps)):
+            if isinstance(agg, ReferenceAggregator):  # float32 or float64 inside, as its authors
+                weights, heads = agg.weigh(gramian.double(), losses)
+            elif isinstance(agg, GramianWeightedAggregator):
+                weights = agg.gramian_weighting(gramian.double())
+            else:
+                weights = agg.weighting(psd_root(gramian.double()))
+        weights = weights.detach().float()
+        if self.heads == "plain":
+            return weights, None
+        return weights, weights if heads is None else heads.detach().float()
+
+    def weights_from_gramian(self, gramian: Tensor, losses: Tensor | None = None) -> Tensor:
+        """Aggregation weights (T,) from the Gramian of the (global) Jacobian."""
+        return self.weigh(gramian, losses)[0]
+
+    def aggregate(self, jacobian: Tensor, gramian: Tensor, losses: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(T, n) Jacobian (identical on every process) -> (aggregated (n,), weights (T,)).
 
         Aggregators without weights (GradDrop) report, as each task's weight, the share of its
         gradient's entries that passed."""
-        if self.gramian_based:
-            weights = self.weights_from_gramian(gramian)
-            return weights.to(jacobian) @ jacobian, weights
-        with seeded_rng(self.seed, int(self.steps), jacobian.device):
-            vector = self.aggregator(jacobian)
-        nonzero = jacobian != 0
-        kept = (nonzero & ((vector.unsqueeze(0) * jacobian) > 0)).sum(1).float()
-        weights = kept / nonzero.sum(1).clamp(min=1).float()
+        vector, weights, _ = self.aggregate_with_heads(jacobian, gramian, losses)
         return vector, weights
+
+    def aggregate_with_heads(
+        self, jacobian: Tensor, gramian: Tensor, losses: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """As `aggregate`, plus the head weights (T,) (None for `heads: plain`). Runs in float32
+        outside autocast whatever the surrounding precision."""
+        with torch.autocast(jacobian.device.type, enabled=False):
+            jacobian = jacobian.float()
+            if self.gramian_based:
+                weights, heads = self.weigh(gramian, losses)
+                return weights.to(jacobian) @ jacobian, weights, heads
+            with seeded_rng(self.seed, int(self.steps), jacobian.device):
+                vector = self.aggregator(jacobian)
+            nonzero = jacobian != 0
+            kept = (nonzero & ((vector.unsqueeze(0) * jacobian) > 0)).sum(1).float()
+            weights = kept / nonzero.sum(1).clamp(min=1).float()
+            return vector, weights, (weights if self.heads == "weighted" else None)
 
     def record(self, weights: Tensor, gramian: Tensor) -> None:
         self.last_weights = {t: weights[i].detach().float().cpu() for i, t in enumerate(self.tasks)}

@@ -1,8 +1,9 @@
 """Random loss weighting: Lin, Ye, Xu, Shi, Zhang, "Reasonable Effectiveness of Random Weighting:
 A Litmus Test for Multi-Task Learning", TMLR 2022.
 
-Every step draws `w = softmax(z)`, `z ~ N(0, I_T)`. The draw comes from a generator seeded by
-(seed, step), so it is the same on every process and reproducible from a checkpoint.
+Every step draws `w = softmax(z)`, `z ~ N(0, I_T)`, as the authors' LibMTL/weighting/RLW.py (commit
+4336804847eaa5e0b924b743d76beec7ac3fdc97). The draw comes from a generator seeded by (seed, step)
+rather than torch's global one, so it is the same on every process and reproducible from a checkpoint.
 """
 
 from __future__ import annotations

@@ -220,6 +220,8 @@ class MultiTaskModule(L.LightningModule):
             total, losses, expert_loss = self._task_gradient_step(batch, batch_idx)
         else:
             _, losses = self._step_losses(batch)
+            if hasattr(self.balancer, "grad_scale"):  # GradNorm differentiates the losses itself: AMP scale
+                self.balancer.grad_scale = self._loss_scale()[1]
             total = self.balancer(losses)
             expert_loss = self._expert_aux_loss()
             if expert_loss is not None:
@@ -253,7 +255,8 @@ class MultiTaskModule(L.LightningModule):
     def _losses_after_step(self) -> dict[str, Tensor] | None:
         if not self.balancer.needs_losses_after_step or self._last_batch is None:
             return None
-        with torch.no_grad():
+        # the same precision as the training forward (autocast under *-mixed), in train mode as the authors
+        with torch.no_grad(), self.trainer.precision_plugin.forward_context():
             _, losses = self._step_losses(self._last_batch)
             self._expert_aux_loss()  # discard the experts' auxiliary loss of this extra forward
         self._last_batch = None

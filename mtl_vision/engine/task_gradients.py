@@ -19,7 +19,9 @@ needs:
   from its own Gramian (the features of earlier micro-batches are gone by then).
 
 Mixed precision: task losses are multiplied by the GradScaler's scale before differentiation and
-the Jacobian is unscaled before aggregation; the final gradient is written scaled, so that
+the gradients are cast to float32 before they are unscaled; the aggregation (Gramian, solves,
+weighted sums) runs in float32 with autocast off, and a feature gradient is scaled in float32
+before it is cast to the features' dtype; the final gradient is written scaled, so that
 Lightning's precision plugin unscales it, skips the step on inf/NaN and updates the scale exactly
 as GradScaler does in automatic optimisation. Without a scaler a non-finite gradient skips the step.
 """
@@ -46,6 +48,9 @@ class _Accumulated:
     finite: bool = True
     weights: list[Tensor] = field(default_factory=list)
     gramians: list[Tensor] = field(default_factory=list)
+    losses: Tensor | None = None  # (T,) detached task losses summed over micro-batches (divided)
+    heads: Tensor | None = None  # params mode, `heads: weighted`: (T, P_plain) per-task plain gradients
+    head_used: Tensor | None = None  # (number of plain parameters,) 1 where a task gradient exists
 
 
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -129,7 +134,7 @@ class TaskGradientStep:
         if scale == 1.0:
             return list(torch.autograd.grad(loss, list(inputs), retain_graph=retain, allow_unused=True))
         grads = torch.autograd.grad(loss * scale, list(inputs), retain_graph=retain, allow_unused=True)
-        return [None if g is None else g / scale for g in grads]
+        return [None if g is None else g.float() / scale for g in grads]  # unscaled in float32
 
     def _accumulate(self, grads: dict[int, Tensor | None]) -> None:
         """Add per-parameter gradients {parameter index: gradient or None} to this step's sums."""
@@ -152,7 +157,16 @@ class TaskGradientStep:
             [_flat([g[i] for i in self.shared_idx], [self.params[i] for i in self.shared_idx]) for g in per_task]
         )
         self.acc.jacobian = _add(self.acc.jacobian, shared)
-        plain = {i: self._sum([g[i] for g in per_task]) for i in self.plain_idx}
+        self.acc.losses = _add(self.acc.losses, self._loss_vector(losses) / divide)
+        if self.balancer.heads == "weighted":  # weighted once the step's weights are known
+            plain_params = [self.params[i] for i in self.plain_idx]
+            heads = torch.stack([_flat([g[i] for i in self.plain_idx], plain_params) for g in per_task])
+            used = torch.tensor([float(any(g[i] is not None for g in per_task)) for i in self.plain_idx])
+            self.acc.heads = _add(self.acc.heads, heads)
+            self.acc.head_used = used if self.acc.head_used is None else torch.maximum(self.acc.head_used, used)
+            plain: dict[int, Tensor | None] = {}
+        else:
+            plain = {i: self._sum([g[i] for g in per_task]) for i in self.plain_idx}
         if extra is not None:  # the auxiliary loss: a plain gradient on every parameter, shared ones included
             extra_grads = self._grads(extra / divide, self.params, scale=scale, retain=False)
             plain = {i: _add(plain.get(i), extra_grads[i]) for i in range(len(self.params))}
@@ -170,25 +184,35 @@ class TaskGradientStep:
         extra = extra_loss()
         plain_params = [self.params[i] for i in self.plain_idx]
         inputs = [*detached, *plain_params]
-        rows, plain_grads = [], [None] * len(plain_params)
+        rows, per_task = [], []
         for task in self.tasks:
             grads = self._grads(losses[task] / divide, inputs, scale=scale, retain=True)
             rows.append(_flat(grads[: len(detached)], detached))
-            plain_grads = [self._sum([a, b]) for a, b in zip(plain_grads, grads[len(detached) :], strict=True)]
-        jacobian = torch.stack(rows)  # (T, local feature entries)
-        # the global batch's mean loss is the mean of the processes' mean losses, so its feature
-        # Jacobian is [J_1 ... J_R] / R and its Gramian sum_r G_r / R^2
-        gramian = all_reduce_sum((jacobian @ jacobian.T).double()) / world_size() ** 2
-        finite = bool(torch.isfinite(gramian).all())
-        if finite:
-            vector, weights = self._aggregate_features(jacobian, gramian)
-            self.acc.weights.append(weights)
-            self.acc.gramians.append(gramian)
-        else:
-            vector = jacobian.sum(0)
-            self.acc.finite = False
+            per_task.append(grads[len(detached) :])
+        jacobian = torch.stack(rows)  # (T, local feature entries), float32
+        with torch.autocast(jacobian.device.type, enabled=False):
+            # the global batch's mean loss is the mean of the processes' mean losses, so its feature
+            # Jacobian is [J_1 ... J_R] / R and its Gramian sum_r G_r / R^2
+            gramian = all_reduce_sum((jacobian @ jacobian.T).double()) / world_size() ** 2
+            finite = bool(torch.isfinite(gramian).all())
+            heads = None
+            if finite:
+                global_losses = self._loss_vector(losses) if self.balancer.needs_losses else None
+                if global_losses is not None and world_size() > 1:
+                    global_losses = all_reduce_mean(global_losses)
+                vector, weights, heads = self._aggregate_features(jacobian, gramian, global_losses)
+                self.acc.weights.append(weights)
+                self.acc.gramians.append(gramian)
+            else:
+                vector = jacobian.sum(0)
+                self.acc.finite = False
+            plain_grads = [
+                self._sum([None if g[k] is None else g[k] * (1.0 if heads is None else float(heads[t]))
+                           for t, g in enumerate(per_task)])
+                for k in range(len(plain_params))
+            ]  # fmt: skip
         feature_grads = list(torch.split(vector, [f.numel() for f in detached]))
-        feature_grads = [g.view_as(f).to(f.dtype) for g, f in zip(feature_grads, features, strict=True)]
+        feature_grads = [g.view_as(f) for g, f in zip(feature_grads, features, strict=True)]
         if extra is not None:
             extra_grads = self._grads(extra / divide, [*detached, *self.params], scale=scale, retain=True)
             extra_features, extra_params = extra_grads[: len(detached)], extra_grads[len(detached) :]
@@ -198,22 +222,29 @@ class TaskGradientStep:
         else:
             backbone_extra = [None] * len(self.shared_idx)
         shared_params = [self.params[i] for i in self.shared_idx]
-        outputs = feature_grads if scale == 1.0 else [g * scale for g in feature_grads]
+        # scaled in float32, then cast to the features' dtype (fp16 under 16-mixed)
+        outputs = [
+            (g if scale == 1.0 else g.float() * scale).to(f.dtype) for g, f in zip(feature_grads, features, strict=True)
+        ]
         shared = torch.autograd.grad(features, shared_params, grad_outputs=outputs, allow_unused=True)
         if scale != 1.0:
-            shared = [None if g is None else g / scale for g in shared]
+            shared = [None if g is None else g.float() / scale for g in shared]
         self._accumulate({i: _add(g, e) for i, g, e in zip(self.shared_idx, shared, backbone_extra, strict=True)})
         self._accumulate(dict(zip(self.plain_idx, plain_grads, strict=True)))
         self.acc.micro_batches += 1
         return preds, losses, extra
 
-    def _aggregate_features(self, jacobian: Tensor, gramian: Tensor) -> tuple[Tensor, Tensor]:
-        if self.balancer.gramian_based:
-            weights = self.balancer.weights_from_gramian(gramian)
-            return weights.to(jacobian) @ jacobian, weights
+    def _aggregate_features(
+        self, jacobian: Tensor, gramian: Tensor, losses: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        # Gramian weightings: the weights of the global Gramian applied to the local rows;
         # element-wise aggregators (GradDrop) act on each feature entry alone, so each process
         # applies them to its own samples' columns
-        return self.balancer.aggregate(jacobian, gramian)
+        return self.balancer.aggregate_with_heads(jacobian, gramian, losses)
+
+    def _loss_vector(self, losses: dict[str, Tensor]) -> Tensor:
+        """(T,) detached float32 task losses, in task order."""
+        return torch.stack([losses[t].detach().float() for t in self.tasks])
 
     @staticmethod
     def _sum(values: Sequence[Tensor | None]) -> Tensor | None:
@@ -224,11 +255,20 @@ class TaskGradientStep:
 
     # -- the step boundary ------------------------------------------------------------------------
     def _synchronise(self, acc: _Accumulated) -> tuple[Tensor | None, list[Tensor | None]]:
-        """Mean over processes of the Jacobian and of every gradient, in one all-reduce; a flag per
-        parameter says whether any process used it. No copy at all on a single process."""
+        """Mean over processes of the Jacobian, of every gradient, of the losses and of the per-task
+        head gradients, in one all-reduce; a flag per parameter says whether any process used it
+        (the head flags are averaged: > 0 = used somewhere). No copy at all on a single process."""
         grads = acc.grads or [None] * len(self.params)
         if world_size() == 1:
             return acc.jacobian, list(grads)
+        extras = [t for t in (acc.losses, acc.heads, acc.head_used) if t is not None]
+        if extras:
+            device = self.params[0].device
+            flat = all_reduce_mean(torch.cat([t.reshape(-1).to(device) for t in extras]))
+            synced_extras = iter(torch.split(flat, [t.numel() for t in extras]))
+            acc.losses = None if acc.losses is None else next(synced_extras).view_as(acc.losses)
+            acc.heads = None if acc.heads is None else next(synced_extras).view_as(acc.heads)
+            acc.head_used = None if acc.head_used is None else next(synced_extras)
         used = torch.tensor([float(g is not None) for g in grads], device=self.params[0].device)
         parts = [] if acc.jacobian is None else [acc.jacobian.reshape(-1)]
         parts += [
@@ -250,17 +290,31 @@ class TaskGradientStep:
         acc, self.acc = self.acc, _Accumulated()
         if acc.micro_batches == 0:
             raise RuntimeError("write_gradients called before any micro-batch")
-        jacobian, grads = self._synchronise(acc)
-        present = [g.sum() for g in grads if g is not None] + ([jacobian.sum()] if jacobian is not None else [])
-        finite = acc.finite and bool(torch.isfinite(torch.stack(present).sum()))  # one pass, no mask tensors
-        weights_list, gramians = acc.weights, acc.gramians
-        if jacobian is not None:  # params mode: aggregate the step's (global) Jacobian
-            gramian = (jacobian @ jacobian.T).double()
-            vector, weights = self.balancer.aggregate(jacobian, gramian) if finite else (jacobian.sum(0), None)
-            weights_list, gramians = ([weights], [gramian]) if finite else ([], [])
-            shared_params = [self.params[i] for i in self.shared_idx]
-            for i, g in zip(self.shared_idx, torch.split(vector, [p.numel() for p in shared_params]), strict=True):
-                grads[i] = _add(g.view_as(self.params[i]), grads[i])
+        with torch.autocast(self.params[0].device.type, enabled=False):  # float32 aggregation
+            jacobian, grads = self._synchronise(acc)
+            present = [g.sum() for g in grads if g is not None] + ([jacobian.sum()] if jacobian is not None else [])
+            present += [acc.heads.sum()] if acc.heads is not None else []
+            finite = acc.finite and bool(torch.isfinite(torch.stack(present).sum()))  # one pass, no mask tensors
+            weights_list, gramians = acc.weights, acc.gramians
+            if jacobian is not None:  # params mode: aggregate the step's (global) Jacobian
+                jacobian = jacobian.float()
+                gramian = (jacobian @ jacobian.T).double()
+                heads = None
+                if finite:
+                    vector, weights, heads = self.balancer.aggregate_with_heads(jacobian, gramian, acc.losses)
+                else:
+                    vector, weights = jacobian.sum(0), None
+                weights_list, gramians = ([weights], [gramian]) if finite else ([], [])
+                shared_params = [self.params[i] for i in self.shared_idx]
+                for i, g in zip(self.shared_idx, torch.split(vector, [p.numel() for p in shared_params]), strict=True):
+                    grads[i] = _add(g.view_as(self.params[i]), grads[i])
+                if acc.heads is not None:  # `heads: weighted`: sum_t w_t g_t on the other parameters
+                    mixed = acc.heads.sum(0) if heads is None else heads.to(acc.heads) @ acc.heads
+                    plain_params = [self.params[k] for k in self.plain_idx]
+                    parts = torch.split(mixed, [p.numel() for p in plain_params])
+                    for i, g, used in zip(self.plain_idx, parts, acc.head_used.tolist(), strict=True):
+                        if used > 0:
+                            grads[i] = _add(g.view_as(self.params[i]), grads[i])
         for p, g in zip(self.params, grads, strict=True):
             # a parameter no process used in this step keeps no gradient, as in automatic optimisation
             p.grad = None if g is None else g if scale == 1.0 and g.dtype == p.dtype else (g * scale).to(p.dtype)

@@ -1,0 +1,1 @@
+"""One module per reference implementation of balancing strategies; see scripts/balancer_fixtures.py."""
