@@ -118,20 +118,40 @@ def test_gradient_clipping_and_accumulation_under_manual_optimisation(make_cfg):
     assert all(n <= 0.01 * (1 + 1e-5) for n in norms.norms), norms.norms
 
 
-DDP_CONFIGS = [
-    "ew",
-    "uncertainty",
-    "famo",
-    "famo:balancer.update=next_batch",
-    "gradnorm",
-    "gradnorm:balancer.initial=first_step",  # the default warms up for an epoch: weights trained from step 1
-    "dwa:balancer.every_n_steps=1",
-    "pcgrad",
-    "nashmtl",
-    "upgrad",
-    "upgrad:balancer.mode=features",
-    "pcgrad:trainer.accumulate_grad_batches=2",
-]
+def _ddp_configs() -> list[str]:
+    """Every file of conf/balancer/ (gradient strategies in both modes), plus the variants whose
+    state paths differ: FAMO's next-batch update, GradNorm trained from step 1 (the default warms up
+    for an epoch, longer than this test), DWA on a step window, accumulation of a gradient strategy."""
+    from omegaconf import OmegaConf
+
+    from mtl_vision.cli import CONFIG_DIR
+
+    specs = []
+    for name in config_groups()["balancer"]:
+        specs.append(name)
+        if "mode" in OmegaConf.load(CONFIG_DIR / "balancer" / f"{name}.yaml"):
+            specs.append(f"{name}:balancer.mode=features")
+    return [
+        *specs,
+        "famo:balancer.update=next_batch",
+        "gradnorm:balancer.initial=first_step",
+        "dwa:balancer.every_n_steps=1",
+        "pcgrad:trainer.accumulate_grad_batches=2",
+    ]
+
+
+DDP_CONFIGS = _ddp_configs()
+# Where 2 processes cannot agree with 1 to 1e-5, and why (README, Balancing: the DDP table):
+LOOSE = {
+    # FAMO's same-batch update steps its logits with Adam on log-loss changes of ~1e-5 over one
+    # step, whose float32 rounding Adam's normalisation lifts to ~1e-4: its state to 1e-3 (the
+    # model still agrees to 1e-5)
+    ("famo", "balancer."): 1e-3,
+    # ECOS's solver tolerance on a feature Gramian of ~1e-7 (measured 8.7e-5)
+    ("nashmtl:balancer.mode=features", "model."): 1e-4,
+    # GradDrop's random thresholds are drawn per process for its own feature entries (measured 2.3e-5)
+    ("graddrop:balancer.mode=features", "model."): 1e-4,
+}
 
 
 def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path):
@@ -147,11 +167,7 @@ def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path):
         assert moved > 1e-3, f"{spec}: training did not move the parameters"
         for key, value in one.items():
             if value.is_floating_point():
-                # FAMO with update=same_batch (its default) steps its logits with Adam on log-loss changes of
-                # ~1e-5 over one step, whose float32 rounding Adam's normalisation lifts to ~1e-4;
-                # its state is compared to 1e-3 (the model still agrees to 1e-5)
-                loose = spec == "famo" and key.startswith("balancer.")
-                atol = 1e-3 if loose else 1e-5
+                atol = next((v for (s, prefix), v in LOOSE.items() if s == spec and key.startswith(prefix)), 1e-5)
                 torch.testing.assert_close(two[key], value, atol=atol, rtol=0, msg=f"{spec}: {key}")
 
 

@@ -77,6 +77,10 @@ class GradientBalancer(Balancer):
     seed: seeds the random choices of random aggregators, per optimiser step.
     heads: "plain" (parameters outside the aggregated set get the plain sum of the task
         gradients) or "weighted" (sum_t w_t g_t with the aggregation's head weights).
+    features_heads: `heads` under `mode: features`, when it must differ (None: `heads`). Nash-MTL's
+        weights solve G w = 1/w, so they grow as G^-1/2: on the small Gramian of the features
+        they are large, and heads weighted by them would take steps that many times larger
+        (features mode is not in the authors' code; conf/balancer/nashmtl.yaml: plain).
     """
 
     needs_task_gradients: ClassVar[bool] = True
@@ -90,13 +94,15 @@ class GradientBalancer(Balancer):
         shared: Sequence[str] = ("backbone",),
         seed: int = 0,
         heads: str = "plain",
+        features_heads: str | None = None,
     ) -> None:
         super().__init__(tasks=tasks)
         if mode not in MODES:
             raise ValueError(f"balancer.mode must be one of {list(MODES)}, got {mode!r}")
-        if heads not in HEADS:
-            raise ValueError(f"balancer.heads must be one of {list(HEADS)}, got {heads!r}")
-        self.heads = heads
+        for key, value in (("heads", heads), ("features_heads", features_heads)):
+            if value not in HEADS and not (key == "features_heads" and value is None):
+                raise ValueError(f"balancer.{key} must be one of {list(HEADS)}, got {value!r}")
+        self.heads = features_heads if mode == "features" and features_heads is not None else heads
         if isinstance(shared, str):
             shared = [shared]
         self.shared = [str(s).strip(".") for s in shared]
