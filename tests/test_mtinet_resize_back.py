@@ -17,10 +17,12 @@ import pytest
 import torch
 from torch import nn
 
+from mtl_vision.constants import ORIGINAL_SIZE_KEY
 from mtl_vision.data.datamodule import collate_padded_targets
-from mtl_vision.data.mtinet_transforms import ORIGINAL_SIZE_KEY, MTINetValTransform
-from mtl_vision.engine.module import MultiTaskModule, raw_at_original_size, stored_at_original_size
+from mtl_vision.data.mtinet_transforms import MTINetValTransform
+from mtl_vision.engine.module import MultiTaskModule, raw_at_original_size
 from mtl_vision.metrics import functional as FM
+from mtl_vision.metrics.functional import stored_at_original_size
 from mtl_vision.tasks import TASKS
 
 FIXTURES = Path(__file__).parent / "fixtures"

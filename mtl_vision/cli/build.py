@@ -40,14 +40,9 @@ def evaluated_tasks(cfg: DictConfig, tasks: list[str]) -> list[str]:
     """The trained tasks that get a final prediction, metrics and pictures: all of `tasks` but the
     decoder's `auxiliary_tasks` (supervised only through its intermediate predictions, as the
     edges and normals of MTI-Net's and PAD-Net's NYUD runs)."""
-    auxiliary = list((cfg.get("decoder") or {}).get("auxiliary_tasks") or [])
-    unknown = [t for t in auxiliary if t not in tasks]
-    if unknown:
-        raise ValueError(f"decoder.auxiliary_tasks={auxiliary}: {unknown} are not trained (data.tasks={tasks})")
-    final = [t for t in tasks if t not in auxiliary]
-    if not final:
-        raise ValueError(f"decoder.auxiliary_tasks={auxiliary} leaves no task with a final prediction (data.tasks={tasks})")
-    return final
+    from mtl_vision.models.decoders.common import final_tasks_of
+
+    return final_tasks_of(tasks, list((cfg.get("decoder") or {}).get("auxiliary_tasks") or []))
 
 
 def eval_protocol(cfg: DictConfig) -> str:

@@ -18,9 +18,8 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from mtl_vision.constants import IGNORE_INDEX
 from mtl_vision.data.sampling import EpochSampler, ResumableLoader, SeededSamples
-from mtl_vision.data.transforms import BINARY_MAPS, CLASS_MAPS, GEOMETRY
+from mtl_vision.data.transforms import BINARY_MAPS, CLASS_MAPS, GEOMETRY, target_fill
 from mtl_vision.tasks import check_tasks, get_task
 
 TARGET_MAPS = (*CLASS_MAPS, *BINARY_MAPS, *GEOMETRY)
@@ -29,8 +28,8 @@ TARGET_MAPS = (*CLASS_MAPS, *BINARY_MAPS, *GEOMETRY)
 def collate_padded_targets(samples: Sequence[dict]) -> dict:
     """`default_collate`, except that targets of different sizes in one batch (kept at each image's
     own size, `MTINetValTransform(targets="original")`) are padded at the bottom and right to the
-    largest with the value every loss and metric ignores: 255 for class maps, edges and saliency, 0
-    (invalid) for depth and normals, as `data.transforms.pad_sample` pads. Each sample's own size
+    largest with the value every loss and metric ignores (`data.transforms.target_fill`, as
+    `pad_sample` pads). Each sample's own size
     travels with it (`ORIGINAL_SIZE_KEY`); the images must share one size."""
     sizes = {tuple(s[k].shape[-2:]) for s in samples for k in TARGET_MAPS if k in s}
     if len(sizes) <= 1:
@@ -42,8 +41,7 @@ def collate_padded_targets(samples: Sequence[dict]) -> dict:
         for key in TARGET_MAPS:
             if key in sample:
                 h, w = sample[key].shape[-2:]
-                fill = 0.0 if key in GEOMETRY else IGNORE_INDEX
-                out[key] = F.pad(sample[key], (0, width - w, 0, height - h), value=fill)
+                out[key] = F.pad(sample[key], (0, width - w, 0, height - h), value=target_fill(key))
         padded.append(out)
     return default_collate(padded)
 

@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 import torch
 
+from mtl_vision.constants import ORIGINAL_SIZE_KEY
 from mtl_vision.data.atrc_transforms import TorchDraws, flip_planes, ignore_unannotated_parts
 from mtl_vision.data.transforms import CLASS_MAPS, MAPS, _check_size
 
@@ -53,8 +54,6 @@ FLAGS = {
 NORMALS_EPS = np.finfo(np.float32).eps  # FixedResize: n / (|n| + eps)
 NORMALS_DTYPES = ("float32", "float64")
 TARGETS = ("resized", "original")
-# the (H, W) of a sample's targets when they stay at the image's own size (MTINetValTransform)
-ORIGINAL_SIZE_KEY = "original_size"
 
 Planes = dict[str, np.ndarray]  # HxW (one channel) or HxWx3 arrays as their loaders give them
 
@@ -249,7 +248,7 @@ class MTINetValTransform:
             own) size and the sample records it under `ORIGINAL_SIZE_KEY`, (2,) int64 (H, W).
             Validation then brings each prediction back to that size as their
             `save_model_predictions` does before the evaluators that give their published
-            numbers read it (`engine.module.stored_at_original_size`).
+            numbers read it (`metrics.functional.stored_at_original_size`).
     """
 
     def __init__(self, *, size: Sequence[int], normals_dtype: str = "float32", targets: str = "resized") -> None:

@@ -74,7 +74,9 @@ def resize_sample(sample: dict[str, Any], size: tuple[int, int]) -> dict[str, An
     return out
 
 
-def _fill(task: str) -> float:
+def target_fill(task: str) -> float:
+    """The value a target of `task` is padded with: one no loss or metric counts (255 for class
+    maps, edges and saliency; 0 = invalid for depth and normals)."""
     return 0.0 if task in GEOMETRY else IGNORE_INDEX
 
 
@@ -90,7 +92,7 @@ def pad_sample(sample: dict[str, Any], size: tuple[int, int], *, top: int = 0, l
     for task in CLASS_MAPS + BINARY_MAPS + GEOMETRY:
         if task in sample:
             target = sample[task]
-            out[task] = F.pad(target[None] if target.dim() == 2 else target, pads, value=_fill(task))
+            out[task] = F.pad(target[None] if target.dim() == 2 else target, pads, value=target_fill(task))
             if target.dim() == 2:
                 out[task] = out[task][0]
     return out

@@ -18,9 +18,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import cv2
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,7 +27,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import Metric
 
 from mtl_vision.balancing import Balancer
-from mtl_vision.data.mtinet_transforms import ORIGINAL_SIZE_KEY
+from mtl_vision.constants import ORIGINAL_SIZE_KEY
 from mtl_vision.data.sampling import SKIPPED_KEY
 from mtl_vision.engine.checkpoint import RNG_KEY, restore_rng_states, rng_states
 from mtl_vision.engine.guard import NonFiniteGuard, non_finite_keys
@@ -37,62 +35,14 @@ from mtl_vision.engine.task_gradients import TaskGradientStep
 from mtl_vision.losses import MultiTaskLoss
 from mtl_vision.metrics.delta_m import KEY as DELTA_M_KEY
 from mtl_vision.metrics.delta_m import DeltaM
+from mtl_vision.metrics.functional import stored_at_original_size
 from mtl_vision.tasks import check_task_keys, get_task
 
 RUN_INFO_KEY = "mtl_vision"
-# MTI-Net's code base (SimonVandenhende/Multi-Task-Learning-PyTorch utils/config.py INFER_FLAGVALS):
-# the interpolation with which its save_model_predictions brings each encoded map back to the
-# image's own size before the evaluators behind its published numbers read it
-RESIZE_BACK_FLAGS = {
-    "semseg": cv2.INTER_NEAREST,
-    "human_parts": cv2.INTER_NEAREST,
-    "saliency": cv2.INTER_LINEAR,
-    "edge": cv2.INTER_LINEAR,
-    "normals": cv2.INTER_LINEAR,
-    "depth": cv2.INTER_LINEAR,
-}
 # what the balancer keeps outside its parameters and buffers (see Balancer.checkpoint_state)
 BALANCER_STATE_KEY = "balancer_state"
 # the non-finite step counter (see engine.guard)
 GUARD_STATE_KEY = "nonfinite_guard"
-
-
-def mtinet_encoding(task: str, raw: Tensor) -> np.ndarray:
-    """A raw head output (N, C, H, W) as MTI-Net's `utils/utils.py get_output` encodes it, in
-    float32 on the CPU: class ids (N, H, W) int64 (their `torch.max` over the channels);
-    `255 / (1 + exp(-x))` (N, H, W) for saliency and edge (a two-class saliency head:
-    255 * softmax at class 1); `(normalize(n) + 1) * 255 / 2` (N, H, W, 3) for normals; depth as is
-    (N, H, W)."""
-    x = raw.detach().float().permute(0, 2, 3, 1)
-    if task in ("semseg", "human_parts"):
-        out = torch.max(x, dim=3)[1]
-    elif task == "normals":
-        out = (F.normalize(x, p=2, dim=3) + 1.0) * 255 / 2.0
-    elif task in ("saliency", "edge"):
-        out = 255 * torch.softmax(x, dim=3)[..., 1] if x.shape[3] == 2 else 255 / (1 + torch.exp(-x[..., 0]))
-    elif task == "depth":
-        out = x[..., 0]
-    else:
-        raise ValueError(f"task {task!r}: MTI-Net's code base stores no {task} maps (known: {sorted(RESIZE_BACK_FLAGS)})")
-    return out.cpu().numpy()
-
-
-def stored_at_original_size(task: str, raw: Tensor, sizes: Sequence[tuple[int, int]], padded: tuple[int, int]) -> Tensor:
-    """The maps MTI-Net's `evaluation/evaluate_utils.py save_model_predictions` writes for a batch,
-    in our layout: per image, `mtinet_encoding` brought to the image's own (H, W) of `sizes` by
-    `cv2.resize` with `RESIZE_BACK_FLAGS` and cast to uint8 as their PNGs (depth stays float32, as
-    their .mat), then padded at the bottom and right to `padded` (the batch's padded targets, which
-    are ignored there). Returns class maps (N, H, W) int64, saliency and edge (N, 1, H, W) uint8,
-    normals (N, 3, H, W) uint8, depth (N, 1, H, W) float32, on `raw`'s device; the metrics read
-    the uint8 maps as stored (`metrics.functional.stored_probability`, `dequantise_normals_uint8`)."""
-    maps = []
-    for array, (h, w) in zip(mtinet_encoding(task, raw), sizes):
-        resized = cv2.resize(array, (w, h), interpolation=RESIZE_BACK_FLAGS[task])  # OpenCV takes (W, H)
-        stored = torch.from_numpy(np.ascontiguousarray(resized if task == "depth" else resized.astype(np.uint8)))
-        stored = stored.permute(2, 0, 1) if stored.dim() == 3 else stored[None]
-        maps.append(F.pad(stored, (0, padded[1] - w, 0, padded[0] - h)))
-    out = torch.stack(maps).to(raw.device)
-    return out[:, 0].long() if task in ("semseg", "human_parts") else out
 
 
 def raw_at_original_size(preds: Mapping[str, Any], sizes: Sequence[tuple[int, int]], padded: tuple[int, int]) -> dict:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -562,6 +563,57 @@ def _saliency_sigmoid_prob_update(prob: Tensor, target: Tensor) -> tuple[Tensor,
     prob, valid, gt = _saliency_masks(prob, target)
     squashed = torch.sigmoid(prob.to(torch.float32) * 255.0 / 255.0)
     return _saliency_counts(squashed, valid, gt)
+
+
+# MTI-Net's code base (SimonVandenhende/Multi-Task-Learning-PyTorch utils/config.py INFER_FLAGVALS):
+# the interpolation with which its save_model_predictions brings each encoded map back to the
+# image's own size before the evaluators behind its published numbers read it
+RESIZE_BACK_FLAGS = {
+    "semseg": cv2.INTER_NEAREST,
+    "human_parts": cv2.INTER_NEAREST,
+    "saliency": cv2.INTER_LINEAR,
+    "edge": cv2.INTER_LINEAR,
+    "normals": cv2.INTER_LINEAR,
+    "depth": cv2.INTER_LINEAR,
+}
+
+
+def mtinet_encoding(task: str, raw: Tensor) -> np.ndarray:
+    """A raw head output (N, C, H, W) as MTI-Net's `utils/utils.py get_output` encodes it, in
+    float32 on the CPU: class ids (N, H, W) int64 (their `torch.max` over the channels);
+    `255 / (1 + exp(-x))` (N, H, W) for saliency and edge (a two-class saliency head:
+    255 * softmax at class 1); `(normalize(n) + 1) * 255 / 2` (N, H, W, 3) for normals; depth as is
+    (N, H, W)."""
+    x = raw.detach().float().permute(0, 2, 3, 1)
+    if task in ("semseg", "human_parts"):
+        out = torch.max(x, dim=3)[1]
+    elif task == "normals":
+        out = (F.normalize(x, p=2, dim=3) + 1.0) * 255 / 2.0
+    elif task in ("saliency", "edge"):
+        out = 255 * torch.softmax(x, dim=3)[..., 1] if x.shape[3] == 2 else 255 / (1 + torch.exp(-x[..., 0]))
+    elif task == "depth":
+        out = x[..., 0]
+    else:
+        raise ValueError(f"task {task!r}: MTI-Net's code base stores no {task} maps (known: {sorted(RESIZE_BACK_FLAGS)})")
+    return out.cpu().numpy()
+
+
+def stored_at_original_size(task: str, raw: Tensor, sizes: Sequence[tuple[int, int]], padded: tuple[int, int]) -> Tensor:
+    """The maps MTI-Net's `evaluation/evaluate_utils.py save_model_predictions` writes for a batch,
+    in our layout: per image, `mtinet_encoding` brought to the image's own (H, W) of `sizes` by
+    `cv2.resize` with `RESIZE_BACK_FLAGS` and cast to uint8 as their PNGs (depth stays float32, as
+    their .mat), then padded at the bottom and right to `padded` (the batch's padded targets, which
+    are ignored there). Returns class maps (N, H, W) int64, saliency and edge (N, 1, H, W) uint8,
+    normals (N, 3, H, W) uint8, depth (N, 1, H, W) float32, on `raw`'s device; the metrics read
+    the uint8 maps as stored (`metrics.functional.stored_probability`, `dequantise_normals_uint8`)."""
+    maps = []
+    for array, (h, w) in zip(mtinet_encoding(task, raw), sizes):
+        resized = cv2.resize(array, (w, h), interpolation=RESIZE_BACK_FLAGS[task])  # OpenCV takes (W, H)
+        stored = torch.from_numpy(np.ascontiguousarray(resized if task == "depth" else resized.astype(np.uint8)))
+        stored = stored.permute(2, 0, 1) if stored.dim() == 3 else stored[None]
+        maps.append(F.pad(stored, (0, padded[1] - w, 0, padded[0] - h)))
+    out = torch.stack(maps).to(raw.device)
+    return out[:, 0].long() if task in ("semseg", "human_parts") else out
 
 
 def quantise_saliency_uint8(prob: Tensor) -> Tensor:

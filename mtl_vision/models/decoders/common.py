@@ -30,7 +30,7 @@ which resamples the levels to the strides the decoder asks for (as ViTDet's simp
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,28 @@ from torch import Tensor, nn
 
 from mtl_vision.layers import ConvBNReLU
 
-__all__ = ["FuseScales", "HRNetFuse", "ScalePyramid", "resize_to", "select_levels", "task_head"]
+__all__ = ["FuseScales", "HRNetFuse", "ScalePyramid", "final_tasks_of", "resize_to", "select_levels", "task_head"]
+
+
+def final_tasks_of(task_channels: Mapping[str, int] | Sequence[str], auxiliary_tasks: Sequence[str]) -> list[str]:
+    """The tasks of `task_channels` (its keys, or a list of task names; in its order) that are not
+    in `auxiliary_tasks`: those with a final prediction (the decoder contract above).
+
+    Raises:
+        ValueError: naming `decoder.auxiliary_tasks` when it lists unknown tasks or all of them.
+    """
+    auxiliary = list(auxiliary_tasks)
+    unknown = [t for t in auxiliary if t not in task_channels]
+    if unknown:
+        raise ValueError(
+            f"decoder.auxiliary_tasks={auxiliary}: {unknown} are not among the trained tasks {list(task_channels)}"
+        )
+    final = [t for t in task_channels if t not in auxiliary]
+    if not final:
+        raise ValueError(
+            f"decoder.auxiliary_tasks={auxiliary} lists every trained task; at least one needs a final prediction"
+        )
+    return final
 
 
 def resize_to(x: Tensor, size: Sequence[int]) -> Tensor:

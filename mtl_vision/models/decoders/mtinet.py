@@ -39,8 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from mtl_vision.layers import ConvBNReLU, shortcut
-from mtl_vision.models.decoders.common import HRNetFuse, ScalePyramid, resize_to
-from mtl_vision.models.decoders.padnet import MultiModalDistillation, final_tasks_of
+from mtl_vision.models.decoders.common import HRNetFuse, ScalePyramid, final_tasks_of, resize_to
+from mtl_vision.models.decoders.padnet import MultiModalDistillation
 
 __all__ = [
     "BasicBlock",

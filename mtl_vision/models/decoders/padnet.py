@@ -31,32 +31,12 @@ import torch
 from torch import Tensor, nn
 
 from mtl_vision.layers import ConvBNReLU, shortcut
-from mtl_vision.models.decoders.common import FuseScales, HRNetFuse, select_levels
+from mtl_vision.models.decoders.common import FuseScales, HRNetFuse, final_tasks_of, select_levels
 
-__all__ = ["Bottleneck", "MultiModalDistillation", "PADNetDecoder", "final_tasks_of"]
+__all__ = ["Bottleneck", "MultiModalDistillation", "PADNetDecoder"]
 
 GATES = ("source", "self")
 FUSES = ("auto", "hrnet", "project")
-
-
-def final_tasks_of(task_channels: Mapping[str, int], auxiliary_tasks: Sequence[str]) -> list[str]:
-    """The tasks of `task_channels` (in its order) that are not in `auxiliary_tasks`.
-
-    Raises:
-        ValueError: naming `decoder.auxiliary_tasks` when it lists unknown tasks or all of them.
-    """
-    auxiliary = list(auxiliary_tasks)
-    unknown = [t for t in auxiliary if t not in task_channels]
-    if unknown:
-        raise ValueError(
-            f"decoder.auxiliary_tasks={auxiliary}: {unknown} are not among the trained tasks {list(task_channels)}"
-        )
-    final = [t for t in task_channels if t not in auxiliary]
-    if not final:
-        raise ValueError(
-            f"decoder.auxiliary_tasks={auxiliary} lists every trained task; at least one needs a final prediction"
-        )
-    return final
 
 
 class Bottleneck(nn.Module):
