@@ -64,6 +64,19 @@ def config_groups() -> dict[str, list[str]]:
     return groups
 
 
+def balancer_modes(name: str) -> tuple[str, ...]:
+    """The modes a conf/balancer/<name>.yaml strategy declares it runs in (GradientBalancer.modes:
+    a strategy with state per shared parameter runs in params mode only); () for a loss weighting."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(CONFIG_DIR / "balancer" / f"{name}.yaml")
+    if "mode" not in node:
+        return ()
+    node.seed, node.mode = 0, "params"
+    return tuple(instantiate(node, tasks=["semseg", "depth"]).modes)
+
+
 @pytest.fixture(autouse=True)
 def _single_thread_and_clean_hydra():
     torch.set_num_threads(2)

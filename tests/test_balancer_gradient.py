@@ -7,7 +7,7 @@ import functools
 
 import pytest
 import torch
-from conftest import config_groups
+from conftest import balancer_modes, config_groups
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torchjd.aggregation import MGDA, NashMTL, PCGrad, UPGrad
@@ -360,8 +360,9 @@ def _fp32_update(name: str, mode: str) -> torch.Tensor:
 
 @pytest.mark.filterwarnings("ignore:You are solving a parameterized problem that is not DPP")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["16-mixed", "bf16-mixed"])
-@pytest.mark.parametrize("mode", ["params", "features"])
-@pytest.mark.parametrize("name", GRADIENT_BALANCERS)
+@pytest.mark.parametrize(
+    ("name", "mode"), [(name, mode) for name in GRADIENT_BALANCERS for mode in balancer_modes(name)]
+)
 def test_mixed_precision_update_is_as_close_to_fp32_as_equal_weighting(name, mode, dtype):
     """Under autocast (CPU fp16 with GradScaler's initial scale 65536, or bf16), each strategy's
     backbone update is within 2x of equal weighting's own AMP error relative to fp32: the error of

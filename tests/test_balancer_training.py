@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import TINY, config_groups
+from conftest import TINY, balancer_modes, config_groups
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
@@ -119,17 +119,13 @@ def test_gradient_clipping_and_accumulation_under_manual_optimisation(make_cfg):
 
 
 def _ddp_configs() -> list[str]:
-    """Every file of conf/balancer/ (gradient strategies in both modes), plus the variants whose
+    """Every file of conf/balancer/ (gradient strategies in every mode they declare), plus the variants whose
     state paths differ: FAMO's next-batch update, GradNorm trained from step 1 (the default warms up
     for an epoch, longer than this test), DWA on a step window, accumulation of a gradient strategy."""
-    from omegaconf import OmegaConf
-
-    from mtl_vision.cli import CONFIG_DIR
-
     specs = []
     for name in config_groups()["balancer"]:
         specs.append(name)
-        if "mode" in OmegaConf.load(CONFIG_DIR / "balancer" / f"{name}.yaml"):
+        if "features" in balancer_modes(name):
             specs.append(f"{name}:balancer.mode=features")
     return [
         *specs,

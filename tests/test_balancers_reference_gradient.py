@@ -1,6 +1,6 @@
-"""Aligned-MTL, MGDA, CAGrad and Nash-MTL against their authors' code: the shared update and the
-heads' gradients after every step on the fixed gradients and losses of
-tests/fixtures/balancers/{aligned_mtl,mgda,cagrad,nashmtl}.pt (written by
+"""Aligned-MTL, MGDA, CAGrad, Nash-MTL, DB-MTL and IMTL against their authors' code: the shared
+update and the heads' gradients after every step on the fixed gradients and losses of
+tests/fixtures/balancers/{aligned_mtl,mgda,cagrad,nashmtl,libmtl_gradient}.pt (written by
 scripts/balancer_fixtures.py from the authors' repositories), through our GradientBalancer and
 TaskGradientStep as training calls them, to 1e-5 of the largest magnitude."""
 
@@ -14,7 +14,9 @@ from torch import nn
 
 from mtl_vision.balancing.aligned_mtl import aligned_mtl
 from mtl_vision.balancing.cagrad import cagrad
+from mtl_vision.balancing.dbmtl import DBMTL
 from mtl_vision.balancing.gradient import GradientBalancer
+from mtl_vision.balancing.imtl import imtl
 from mtl_vision.balancing.mgda import mgda
 from mtl_vision.balancing.nashmtl import NashMTL
 from mtl_vision.engine.task_gradients import TaskGradientStep
@@ -37,8 +39,10 @@ class _Linear(nn.Module):
         return {}
 
 
-def _run(balancer: GradientBalancer, grads, losses, heads=None):
-    """Per step: (shared update (D,), {task: head gradient}) our TaskGradientStep writes."""
+def _run(balancer: GradientBalancer, grads, losses, heads=None, own_lr: float | None = None):
+    """Per step: (shared update (D,), {task: head gradient}) our TaskGradientStep writes; with
+    `own_lr`, the balancer's own parameters take an SGD step of that rate after every step (as the
+    model's optimiser moves them in training)."""
     steps, _, dim = grads.shape
     tasks = balancer.tasks
     model = _Linear(dim, tasks, 1 if heads is None else heads.shape[-1])
@@ -61,6 +65,11 @@ def _run(balancer: GradientBalancer, grads, losses, heads=None):
         assert finite
         updates.append(model.backbone.weight.grad.clone())
         head_grads.append({task: model.decoder[task].grad.clone() for task in tasks} if heads is not None else {})
+        if own_lr is not None:
+            with torch.no_grad():
+                for p in balancer.parameters():
+                    p -= own_lr * p.grad
+                    p.grad = None
         balancer.after_step(None)
         model.zero_grad(set_to_none=True)
     return torch.stack(updates), head_grads
@@ -150,3 +159,62 @@ def test_nashmtl_equals_the_authors(case, variant):
     _close(updates, ref["update"], f"nashmtl {case} {variant} update")
     got_heads = torch.stack([torch.stack([h[task] for task in TASKS[:t]]) for h in heads])
     _close(got_heads, ref["heads"], f"nashmtl {case} {variant} heads")
+
+
+LIBMTL = _load("libmtl_gradient") if (FIXTURES / "libmtl_gradient.pt").exists() else {"cases": {}, "args": {}}
+
+
+def _heads_of(heads: list[dict], tasks: list[str]) -> torch.Tensor:
+    return torch.stack([torch.stack([h[task] for task in tasks]) for h in heads])
+
+
+@pytest.mark.parametrize("case", sorted(LIBMTL["cases"]))
+@pytest.mark.parametrize("variant", ["DB_MTL", "DB_MTL_decay"])
+def test_dbmtl_equals_libmtl(case, variant):
+    """DB-MTL as its authors' LibMTL: log-loss gradients, moving averages, rows scaled to the
+    largest norm; heads with their log-loss gradients."""
+    data = LIBMTL["cases"][case]
+    t = data["grads"].shape[1]
+    args = LIBMTL["args"][variant]
+    aggregator = DBMTL(beta=args["DB_beta"], beta_sigma=args["DB_beta_sigma"])
+    balancer = GradientBalancer(tasks=TASKS[:t], aggregator=aggregator, transform="log")
+    updates, heads = _run(balancer, data["grads"], data["losses"], data["heads"])
+    _close(updates, data[variant]["update"], f"db_mtl {case} {variant} update")
+    _close(_heads_of(heads, TASKS[:t]), data[variant]["heads"], f"db_mtl {case} {variant} heads")
+    assert aggregator.step == data["grads"].shape[0]
+
+
+@pytest.mark.parametrize("case", sorted(LIBMTL["cases"]))
+def test_imtl_hybrid_equals_libmtl(case):
+    """IMTL (IMTL-G on the gradients of IMTL-L's e^s L - s, s learned) as LibMTL: the update, the
+    heads (e^s times their gradient) and the loss scales moved by SGD at the fixture's rate."""
+    data = LIBMTL["cases"][case]
+    t = data["grads"].shape[1]
+    balancer = GradientBalancer(tasks=TASKS[:t], aggregator=imtl(), transform="learned_scale")
+    ref = data["IMTL"]
+    updates, heads = _run(balancer, data["grads"], data["losses"], data["heads"], own_lr=LIBMTL["lr"])
+    _close(updates, ref["update"], f"imtl {case} update")
+    _close(_heads_of(heads, TASKS[:t]), ref["heads"], f"imtl {case} heads")
+    _close(balancer.loss_scale.detach(), ref["own"][-1], f"imtl {case} loss scales")
+
+
+def test_dbmtl_state_resumes_from_a_checkpoint_and_refuses_features_mode():
+    """The moving averages travel in the checkpoint (GradientBalancer.checkpoint_state): a balancer
+    restored after step 3 continues exactly as the uninterrupted one; features mode is refused by name."""
+    data = LIBMTL["cases"]["t3"] if LIBMTL["cases"] else pytest.skip("libmtl_gradient.pt missing")
+    grads, losses = data["grads"], data["losses"]
+    first = GradientBalancer(tasks=TASKS[:3], aggregator=DBMTL(), transform="log")
+    _run(first, grads[:3], losses[:3])
+    resumed = GradientBalancer(tasks=TASKS[:3], aggregator=DBMTL(), transform="log")
+    resumed.load_checkpoint_state(first.checkpoint_state())
+    assert resumed.aggregator.step == 3
+    rest, _ = _run(resumed, grads[3:], losses[3:])
+    _close(rest, data["DB_MTL"]["update"][3:], "db_mtl resumed at step 3")
+    with pytest.raises(ValueError, match=r"balancer.mode='features': DBMTL keeps state per shared parameter"):
+        GradientBalancer(tasks=TASKS[:3], aggregator=DBMTL(), transform="log", mode="features")
+    with pytest.raises(ValueError, match=r"balancer.transform must be one of \['none', 'log', 'learned_scale'\], got 'exp'"):
+        GradientBalancer(tasks=TASKS[:3], aggregator=DBMTL(), transform="exp")
+    with pytest.raises(ValueError, match=r"balancer.aggregator.beta must lie in \[0, 1\], got 1.5"):
+        DBMTL(beta=1.5)
+    with pytest.raises(ValueError, match=r"balancer.aggregator.solver must be one of \['inverse', 'pinv'\], got 'lu'"):
+        imtl(solver="lu")

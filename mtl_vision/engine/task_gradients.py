@@ -98,6 +98,8 @@ class TaskGradientStep:
             )
         chosen = set(self.shared_idx)
         self.plain_idx = [i for i in range(len(self.params)) if i not in chosen]
+        shared = [(self.names[i], self.params[i].numel()) for i in self.shared_idx]
+        self.balancer.bind_columns([n for n, _ in shared], [size for _, size in shared])
 
     def _backbone_split(self) -> None:
         """Features mode: shared = every trainable backbone parameter, and the decoder's modules
@@ -158,7 +160,7 @@ class TaskGradientStep:
         )
         self.acc.jacobian = _add(self.acc.jacobian, shared)
         self.acc.losses = _add(self.acc.losses, self._loss_vector(losses) / divide)
-        if self.balancer.heads == "weighted":  # weighted once the step's weights are known
+        if self.balancer.weighs_heads:  # weighted once the step's weights are known
             plain_params = [self.params[i] for i in self.plain_idx]
             heads = torch.stack([_flat([g[i] for i in self.plain_idx], plain_params) for g in per_task])
             used = torch.tensor([float(any(g[i] is not None for g in per_task)) for i in self.plain_idx])
@@ -190,6 +192,7 @@ class TaskGradientStep:
             rows.append(_flat(grads[: len(detached)], detached))
             per_task.append(grads[len(detached) :])
         jacobian = torch.stack(rows)  # (T, local feature entries), float32
+        self.acc.losses = _add(self.acc.losses, self._loss_vector(losses) / divide)
         with torch.autocast(jacobian.device.type, enabled=False):
             # the global batch's mean loss is the mean of the processes' mean losses, so its feature
             # Jacobian is [J_1 ... J_R] / R and its Gramian sum_r G_r / R^2
@@ -315,7 +318,9 @@ class TaskGradientStep:
                     for i, g, used in zip(self.plain_idx, parts, acc.head_used.tolist(), strict=True):
                         if used > 0:
                             grads[i] = _add(g.view_as(self.params[i]), grads[i])
-        for p, g in zip(self.params, grads, strict=True):
+            # the balancer's own parameters (IMTL-L's loss scales), from the step's global losses
+            own = self.balancer.own_gradients(acc.losses) if finite else []
+        for p, g in [*zip(self.params, grads, strict=True), *own]:
             # a parameter no process used in this step keeps no gradient, as in automatic optimisation
             p.grad = None if g is None else g if scale == 1.0 and g.dtype == p.dtype else (g * scale).to(p.dtype)
         stats: dict[str, float] = {}

@@ -44,13 +44,16 @@ def _weighting(repo: Path, name: str) -> type:
     return getattr(importlib.import_module(f"LibMTL.weighting.{name}"), name)
 
 
-def _make(cls: type, tasks: int, dim: int) -> torch.nn.Module:
-    """An instance as LibMTL's model (architecture + weighting mixin) sets it up."""
+def _make(cls: type, tasks: int, dim: int, head_dim: int = 0) -> torch.nn.Module:
+    """An instance as LibMTL's model (architecture + weighting mixin) sets it up; with `head_dim`,
+    one head parameter h[t] (head_dim,) per task."""
 
     class Harness(cls):
         def __init__(self) -> None:
             super().__init__()
             self.x = torch.nn.Parameter(torch.zeros(dim))
+            if head_dim:
+                self.h = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros(head_dim)) for _ in range(tasks)])
             self.task_num, self.device, self.rep_grad = tasks, torch.device("cpu"), False
             self.task_name = [f"t{i}" for i in range(tasks)]
             self.train_loss_buffer = np.zeros([tasks, STEPS // EPOCH_STEPS])
