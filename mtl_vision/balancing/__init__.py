@@ -9,10 +9,12 @@ from mtl_vision.balancing.gls import GeometricLossStrategy
 from mtl_vision.balancing.gradient import GradientBalancer
 from mtl_vision.balancing.gradnorm import GradNorm
 from mtl_vision.balancing.rlw import RandomLossWeighting
+from mtl_vision.balancing.stch import STCH
 from mtl_vision.balancing.uncertainty import UncertaintyWeighting
 
 __all__ = [
     "FAMO",
+    "STCH",
     "Balancer",
     "DynamicWeightAverage",
     "EqualWeighting",
