@@ -28,21 +28,18 @@ import time
 
 NYUD_CHANNELS = {"semseg": 40, "depth": 1, "normals": 3, "edge": 1, "saliency": 1, "human_parts": 7}
 TASK_ORDER = list(NYUD_CHANNELS)  # 2 tasks = the first two, 4 = the first four, 6 = all
-GRADIENT_TARGET = "mtl_vision.balancing.gradient.GradientBalancer"
 MODES = ("params", "features")
 FAMO_TARGET, FEATURES_TARGET, FEATURES_TARGET_TASKS = 1.1, 1.5, 4
 
 
-def _strategies() -> dict[str, bool]:
-    """{balancer option: is a gradient balancer}, from conf/balancer."""
+def _strategies() -> dict[str, tuple[str, ...]]:
+    """{balancer option: the modes it declares, () for a loss weighting}, from conf/balancer."""
     from omegaconf import OmegaConf
 
     from mtl_vision.cli import CONFIG_DIR
+    from mtl_vision.cli.build import balancer_modes
 
-    return {
-        p.stem: OmegaConf.load(p).get("_target_") == GRADIENT_TARGET
-        for p in sorted((CONFIG_DIR / "balancer").glob("*.yaml"))
-    }
+    return {p.stem: balancer_modes(OmegaConf.load(p)) for p in sorted((CONFIG_DIR / "balancer").glob("*.yaml"))}
 
 
 def _parse(argv=None) -> argparse.Namespace:
@@ -160,7 +157,7 @@ def _runs(args: argparse.Namespace) -> list[tuple[str, str | None]]:
     chosen = ["ew", *[b for b in chosen if b != "ew"]]  # the reference is always measured
     rows = []
     for b in chosen:
-        rows.extend([(b, m) for m in args.modes] if strategies[b] else [(b, None)])
+        rows.extend([(b, m) for m in args.modes if m in strategies[b]] if strategies[b] else [(b, None)])
     return rows
 
 

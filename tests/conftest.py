@@ -65,16 +65,12 @@ def config_groups() -> dict[str, list[str]]:
 
 
 def balancer_modes(name: str) -> tuple[str, ...]:
-    """The modes a conf/balancer/<name>.yaml strategy declares it runs in (GradientBalancer.modes:
-    a strategy with state per shared parameter runs in params mode only); () for a loss weighting."""
-    from hydra.utils import instantiate
+    """The modes conf/balancer/<name>.yaml declares (`cli.build.balancer_modes`); () for a loss weighting."""
     from omegaconf import OmegaConf
 
-    node = OmegaConf.load(CONFIG_DIR / "balancer" / f"{name}.yaml")
-    if "mode" not in node:
-        return ()
-    node.seed, node.mode = 0, "params"
-    return tuple(instantiate(node, tasks=["semseg", "depth"]).modes)
+    from mtl_vision.cli.build import balancer_modes as modes_of
+
+    return modes_of(OmegaConf.load(CONFIG_DIR / "balancer" / f"{name}.yaml"))
 
 
 @pytest.fixture(autouse=True)

@@ -36,6 +36,18 @@ def build_delta_m(cfg: DictConfig) -> DeltaM | None:
     return DeltaM(node.get("baselines"), node.get("convention", "mtinet"), protocol=eval_protocol(cfg))
 
 
+def balancer_modes(node: DictConfig) -> tuple[str, ...]:
+    """The modes a balancer config node declares it runs in: those of its GradientBalancer
+    (`GradientBalancer.modes`: a strategy with state per shared parameter runs in params mode
+    only), () for a loss weighting (a node without `mode`)."""
+    if "mode" not in node:
+        return ()
+    node = node.copy()
+    with open_dict(node):
+        node.seed, node.mode = 0, "params"
+    return tuple(instantiate(node, tasks=["semseg", "depth"]).modes)
+
+
 def evaluated_tasks(cfg: DictConfig, tasks: list[str]) -> list[str]:
     """The trained tasks that get a final prediction, metrics and pictures: all of `tasks` but the
     decoder's `auxiliary_tasks` (supervised only through its intermediate predictions, as the
