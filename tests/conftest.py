@@ -38,7 +38,10 @@ def decoder_overrides(decoder: str, backbone: str, size: Sequence[int] = (64, 80
     target = node["_target_"]
     # a fixed affinity width (MEMANet's 128) does not shrink with TINY_MODEL's decoder.channels
     small = ["decoder.affinity_channels=8"] if isinstance(node.get("affinity_channels"), int) else []
-    if getattr(get_class(target), "backbone_kind", "any") != "vit":
+    kind = getattr(get_class(target), "backbone_kind", "any")
+    if kind == "segnet":  # MTAN's attention reads SegNet's maps: the CNN slot runs a narrow SegNet
+        return ["backbone=segnet", "backbone.widths=[8,16,16,32,32]"] if backbone == "test_resnet" else None
+    if kind != "vit":
         return small
     if backbone != "test_vit":
         return None

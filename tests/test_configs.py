@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from mtl_vision.cli.build import build_datamodule, build_module, build_trainer
-from mtl_vision.models.backbone import Backbone
+from mtl_vision.models.backbone import FeatureBackbone
 
 GROUPS = config_groups()
 OPTIONS = [(group, option) for group, options in GROUPS.items() for option in options if group != "local"]
@@ -60,7 +60,7 @@ def test_loggers_instantiate_offline(make_cfg, option, monkeypatch):
 @pytest.mark.parametrize("option", GROUPS["backbone"])
 def test_backbone_configs_build_nchw_features(make_cfg, option):
     backbone = instantiate(make_cfg([f"backbone={option}"]).backbone)
-    assert isinstance(backbone, Backbone)
+    assert isinstance(backbone, FeatureBackbone)
     assert len(backbone.channels) == len(backbone.strides) >= 1
     if option.startswith(("test_", "resnet18", "hrnet", "swin", "convnext")):
         x = torch.rand(1, 3, 64, 96)
@@ -74,7 +74,7 @@ def test_backbone_configs_build_nchw_features(make_cfg, option):
 def test_module_builds_with_every_option(make_cfg, group):
     # Dataset configs on disk are built and trained on their fixtures in test_real_data.py.
     for option in GROUPS[group]:
-        extra = []
+        extra = (decoder_overrides(option, "test_resnet") if group == "decoder" else None) or []
         if group == "decoder" and decoder_overrides(option, "test_resnet") is None:
             extra = ["backbone=test_vit", *decoder_overrides(option, "test_vit")]
         cfg = make_cfg([f"{group}={option}", *extra])

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _setup(make_cfg, decoder: str, backbone: str, seed: int = 0, tasks: str = TASKS):
     extra = decoder_overrides(decoder, backbone)
     if extra is None:
-        pytest.skip(f"{decoder} reads the blocks of a plain ViT, not {backbone}")
+        pytest.skip(f"{decoder} does not run on {backbone} (its backbone_kind)")
     cfg = make_cfg([f"decoder={decoder}", f"backbone={backbone}", f"data.tasks={tasks}", *extra])
     datamodule = build_datamodule(cfg)
     torch.manual_seed(seed)
@@ -149,6 +149,8 @@ def test_trains_on_the_real_dataset_layouts(make_cfg, tmp_path, decoder, dataset
     overrides = [f"data={dataset}", f"data.root={root}", f"decoder={decoder}", "data.crop_size=[48,64]"]
     if decoder_overrides(decoder, "test_resnet") is None:
         overrides += ["backbone=test_vit", *decoder_overrides(decoder, "test_vit", (48, 64))]
+    else:
+        overrides += decoder_overrides(decoder, "test_resnet")
     cfg = make_cfg([*overrides, "data.batch_size=2", "trainer.max_steps=2", "trainer.max_epochs=3"])
     value = train(cfg)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

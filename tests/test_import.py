@@ -119,6 +119,7 @@ IMPORTS = [
     ("ctal_nyud", "ctal", "mtan"),
     ("mtlora_pascal", "mtlora", "pascal"),
     ("memanet_nyud", "memanet", "mtan"),
+    ("mtan_nyuv2", "mtan", "mtan"),
 ]
 
 

@@ -124,3 +124,39 @@ def test_multirun_with_ddp_processes_writes_one_directory_per_job(tmp_path):
         assert yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())[0] == f"seed={job}"
     other_dirs = {p for p in logs.rglob("*") if p.is_dir()} - {sweeps[0], *sweeps[0].rglob("*"), *sweeps[0].parents}
     assert not other_dirs, sorted(map(str, other_dirs))
+
+
+def _sweep_jobs(overrides: list[str], sweeps: list[str] = ()) -> list[list[str]]:
+    """The jobs Hydra's basic sweeper would launch for `mtl-train <overrides> <sweeps>`: its params
+    from the config composed of `overrides`, then the command line, parsed and expanded (glob over
+    config groups included) as `BasicSweeper.sweep` does, without launching anything."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = _compose(overrides)
+    assert cfg.hydra.mode == RunMode.MULTIRUN and cfg.hydra.sweeper._target_.endswith("BasicSweeper")
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONFIG_DIR)))
+    params = [f"{key}={value}" for key, value in (cfg.hydra.sweeper.params or {}).items()]
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides(params + overrides + list(sweeps))
+    (jobs,) = BasicSweeper.split_arguments(parsed, None)
+    return jobs
+
+
+BENCHMARKS = [e for e in ("mtan_nyuv2", "mtan_cityscapes") if e in GROUPS["experiment"]]
+
+
+@pytest.mark.parametrize("experiment", [None, *BENCHMARKS])
+def test_the_balancer_benchmark_runs_every_balancer_file_with_three_seeds(experiment):
+    chosen = [f"experiment={experiment}"] if experiment else []
+    jobs = _sweep_jobs(["hparams_search=balancer_benchmark", *chosen])
+    grid = [(job[0], job[1]) for job in jobs]
+    assert grid == [(f"balancer={b}", f"seed={s}") for b in GROUPS["balancer"] for s in (0, 1, 2)]
+    assert all(job[2:] == ["hparams_search=balancer_benchmark", *chosen] for job in jobs)
+    for job in jobs[:: 3 * 4]:  # every fourth balancer: the jobs compose (the sweeper checks all before launching)
+        cfg = _compose(job)
+        assert cfg.balancer._target_.startswith("mtl_vision.") and cfg.seed == int(job[1].split("=")[1])
+    # the command line replaces a swept key
+    few = _sweep_jobs(["hparams_search=balancer_benchmark", *chosen], ["balancer=ew,famo", "seed=0"])
+    assert [job[:2] for job in few] == [["balancer=ew", "seed=0"], ["balancer=famo", "seed=0"]]

@@ -333,6 +333,12 @@ class GradientBalancer(Balancer):
     def after_step(self, losses: Mapping[str, Tensor] | None = None) -> None:
         self.steps += 1
 
+    def on_train_epoch_end(self) -> None:
+        """Passed on to an aggregator that counts epochs (MoCo's rate decays and epoch-0 restarts)."""
+        hook = getattr(self.aggregator, "on_train_epoch_end", None)
+        if hook is not None:
+            hook()
+
     def checkpoint_state(self) -> bytes | None:
         # torchjd's stateful aggregators (Nash-MTL: warm start, step counter, cached weights) keep
         # their state in plain attributes and cvxpy problems, so the aggregator goes in whole

@@ -2,7 +2,8 @@
 
     mtl-data check data=nyud data.root=/data/NYUD_MT [data.layout=nyudv2]
     mtl-data check data=pascal_context data.root=/data/PASCAL_MT
-    mtl-data fixture --layout {nyud_mt,nyudv2,mtan,pascal_mt} --out DIR [--n N]
+    mtl-data check data=cityscapes data.root=/data/cityscapes [data.dataset.labels=19]
+    mtl-data fixture --layout {nyud_mt,nyudv2,mtan,pascal_mt,cityscapes_mtan,cityscapes_libmtl} --out DIR [--n N]
 
 `check` composes the same config as `mtl-train` (so it checks what training would read), reads
 every sample of the train and val splits and prints the number of supervised samples per split
@@ -24,7 +25,7 @@ from rich.table import Table
 
 from mtl_vision.cli import check_config_dir
 
-FIXTURE_LAYOUTS = ("nyud_mt", "nyudv2", "mtan", "pascal_mt")
+FIXTURE_LAYOUTS = ("nyud_mt", "nyudv2", "mtan", "pascal_mt", "cityscapes_mtan", "cityscapes_libmtl")
 
 
 def check(overrides: Sequence[str]) -> dict[str, dict[str, int]]:
@@ -44,6 +45,10 @@ def write_fixture(layout: str, out: Path, n: int, seed: int) -> Path:
         from mtl_vision.data.pascal_fixture import write_pascal_fixture
 
         return write_pascal_fixture(out, n=n, seed=seed)
+    if layout.startswith("cityscapes_"):
+        from mtl_vision.data.cityscapes_fixture import write_cityscapes_fixture
+
+        return write_cityscapes_fixture(out, layout=layout.removeprefix("cityscapes_"), n=n, seed=seed)
     from mtl_vision.data.nyud_fixture import write_nyud_fixture
 
     return write_nyud_fixture(out, layout=layout, n=n, seed=seed)

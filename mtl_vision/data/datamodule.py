@@ -73,10 +73,11 @@ class MultiTaskDataModule(L.LightningDataModule):
         train_transform, val_transform: joint transforms `sample -> sample` handed to the dataset
             of each split (see `mtl_vision.data.transforms`); None = as stored.
         root: the dataset folder, handed to the dataset factory (None for generated data).
-        layout: on-disk layout to force (e.g. NYUD `nyud_mt`, `nyudv2`, `mtan`); None = detect.
+        layout: on-disk layout to force (e.g. NYUD `nyud_mt`, `nyudv2`, `mtan`; Cityscapes `mtan`,
+            `libmtl`); None = detect.
         crop_size: [height, width] of training crops and padded validation images, read by the
             transforms' config; kept here as part of the dataset protocol.
-        name: the dataset's short name (`nyud`, `pascal_context`, `synthetic`), used for the
+        name: the dataset's short name (`nyud`, `pascal_context`, `cityscapes`, `synthetic`), used for the
             single-task baselines file and in reports.
         skip_corrupt: training samples with a missing or corrupt file are replaced by the next one
             and counted (`train/skipped_samples`) instead of ending the run; validation stays strict.

@@ -130,24 +130,38 @@ def _semseg_png(path: Path, sample: str) -> np.ndarray:
     return np.take(_NYUD_LUT, array)
 
 
-def _semseg_mtan(path: Path, sample: str) -> np.ndarray:
+def class_labels_npy(path: Path, sample: str, num_classes: int, classes: str) -> np.ndarray:
+    """(H,W) int64 labels of a preprocessed `.npy` label map (MTAN, LibMTL: -1 = void, stored as
+    floats or integers) with void as IGNORE_INDEX; a value that is no integer in -1..num_classes-1
+    is an error naming the file and `classes` (what the labels are)."""
     array = _hw(read_npy(path, sample=sample), trailing=None, sample=sample, path=path, what="label")
     _numeric(array, "uif", sample=sample, path=path, what="label")
-    bad = (array != np.rint(array)) | (array < -1) | (array > 12)  # NaN is != itself
+    bad = (array != np.rint(array)) | (array < -1) | (array >= num_classes)  # NaN is != itself
     if bad.any():
         values = np.unique(array[bad])[:5].tolist()
-        raise _bad(sample, path, f"label value(s) {values} are not integers in -1..12 (-1 = unlabelled, 0..12 = NYUv2-13 classes)")
+        raise _bad(sample, path, f"label value(s) {values} are not integers in -1..{num_classes - 1} "
+                                 f"(-1 = void, 0..{num_classes - 1} = the {classes})")  # fmt: skip
     labels = array.astype(np.int64)
     labels[labels == -1] = IGNORE_INDEX
     return labels
 
 
-def _depth_npy(path: Path, sample: str) -> np.ndarray:
+def _semseg_mtan(path: Path, sample: str) -> np.ndarray:
+    return class_labels_npy(path, sample, 13, "NYUv2-13 classes")
+
+
+def positive_npy(path: Path, sample: str, what: str) -> np.ndarray:
+    """(1,H,W) float32 of a `.npy` map whose valid values are positive and finite (depth, inverse
+    depth); NaN, inf and values <= 0 become 0 (invalid). `what` names the quantity in errors."""
     array = _hw(read_npy(path, sample=sample), trailing=None, sample=sample, path=path, what="depth")
-    _numeric(array, "f", sample=sample, path=path, what="depth (metres)")
+    _numeric(array, "f", sample=sample, path=path, what=what)
     depth = array.astype(np.float32)  # always a copy
     np.copyto(depth, 0, where=~((depth > 0) & (depth < np.inf)))  # NaN, inf, <= 0 -> invalid
     return depth[None]
+
+
+def _depth_npy(path: Path, sample: str) -> np.ndarray:
+    return positive_npy(path, sample, "depth (metres)")
 
 
 def _unit_normals(vec: np.ndarray) -> np.ndarray:
@@ -223,6 +237,18 @@ def _detect_nyud(root: Path, first_id: str) -> str | None:
     return None
 
 
+def numbered_npy_ids(folder: Path, what: str) -> list[str]:
+    """The sample ids of a folder of `<i>.npy` files (MTAN's and LibMTL's preprocessed layouts), in
+    numeric order; a file not so named, or none at all, is an error naming `what` and the folder."""
+    names = sorted(p.name for p in folder.iterdir() if p.suffix == ".npy")
+    bad = [n for n in names if not n[:-4].isdigit()]
+    if bad:
+        raise DataFileError(f"{what} {folder}: file {bad[0]!r} is not named <integer>.npy")
+    if not names:
+        raise DataFileError(f"{what} {folder}: no <i>.npy files")
+    return [str(i) for i in sorted(int(n[:-4]) for n in names)]
+
+
 class NYUDv2(Dataset):
     """NYUD-v2 multi-task dataset in the `nyud_mt`, `nyudv2` or `mtan` layout (see EXPECTED_LAYOUTS).
 
@@ -286,13 +312,7 @@ class NYUDv2(Dataset):
         if not folder.is_dir():
             found = sorted(p.parent.name for p in self.root.glob("*/image") if p.is_dir())
             raise ValueError(f"split {self.split!r}: expected the MTAN split folder {folder}/ (splits found: {found})")
-        names = sorted(p.name for p in folder.iterdir() if p.suffix == ".npy")
-        bad = [n for n in names if not n[:-4].isdigit()]
-        if bad:
-            raise DataFileError(f"MTAN split folder {folder}: file {bad[0]!r} is not named <integer>.npy")
-        if not names:
-            raise DataFileError(f"MTAN split folder {folder}: no <i>.npy files")
-        return [str(i) for i in sorted(int(n[:-4]) for n in names)]
+        return numbered_npy_ids(folder, "MTAN split folder")
 
     def __len__(self) -> int:
         return len(self.ids)

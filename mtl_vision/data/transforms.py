@@ -201,6 +201,56 @@ class TrainTransform:
         return sample
 
 
+class MTANTrainTransform:
+    """MTAN's NYUv2 augmentation, as the balancing papers train with it (lorenmt/mtan
+    `im2im_pred/create_dataset.py` `RandomScaleCrop` and the flip of `NYUv2.__getitem__`, copied
+    by nash-mtl and FAMO `experiments/nyuv2/data.py`): a scale s drawn from `scales`, a crop of
+    int(H/s) x int(W/s) at a uniform position, resized back to H x W (image and normals bilinear
+    with align_corners=True, normals not renormalised; class maps and depth nearest, depth divided
+    by s), then a horizontal flip with probability `flip_prob` (normals' x negated). Invalid
+    geometry is not masked: bilinear normals mix valid and invalid pixels, as theirs do.
+
+    Args:
+        scales: the scale choices (theirs: 1.0, 1.2, 1.5).
+        flip_prob: probability of the flip (theirs: `torch.rand(1) < 0.5`).
+    """
+
+    def __init__(self, *, scales: Sequence[float] = (1.0, 1.2, 1.5), flip_prob: float = 0.5) -> None:
+        self.scales = [float(s) for s in scales]
+        if not self.scales or min(self.scales) < 1.0:
+            raise ValueError(f"scales={list(scales)}: expected scale factors >= 1 (the crop is H/s x W/s)")
+        if not 0.0 <= flip_prob <= 1.0:
+            raise ValueError(f"flip_prob={flip_prob}: expected a probability in [0, 1]")
+        self.flip_prob = float(flip_prob)
+
+    def _randint(self, lo: int, hi: int) -> int:
+        """Uniform integer in [lo, hi] (their `random.randint`)."""
+        return lo + int(torch.randint(0, hi - lo + 1, ()))
+
+    def _flip_draw(self) -> float:
+        return float(torch.rand(()))
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        h, w = sample["image"].shape[-2:]
+        scale = self.scales[self._randint(0, len(self.scales) - 1)]
+        ch, cw = int(h / scale), int(w / scale)
+        top, left = self._randint(0, h - ch), self._randint(0, w - cw)
+        out = dict(sample)
+        for key in MAPS:
+            if key not in sample:
+                continue
+            x = sample[key][..., top : top + ch, left : left + cw]
+            if key in ("image", "normals"):
+                out[key] = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=True)[0]
+            else:
+                out[key] = _resize_nearest(x, (h, w))
+            if key == "depth":
+                out[key] = out[key] / scale
+        if self._flip_draw() < self.flip_prob:
+            out = flip_sample(out)
+        return out
+
+
 def _rotate_hue(image: Tensor, shift: float) -> Tensor:
     """Hue shift by `shift` turns as a rotation of the chroma plane in YIQ space (a linear map,
     ~20x cheaper than an RGB->HSV->RGB round trip and the usual fast approximation)."""
@@ -228,4 +278,4 @@ class ValTransform:
         return pad_sample(sample, target) if target != (h, w) else sample
 
 
-__all__ = ["TrainTransform", "ValTransform", "crop_sample", "flip_sample", "pad_sample", "resize_sample"]
+__all__ = ["MTANTrainTransform", "TrainTransform", "ValTransform", "crop_sample", "flip_sample", "pad_sample", "resize_sample"]

@@ -101,3 +101,26 @@ def cosine(
         return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, factor)
+
+
+def step(
+    optimizer: Optimizer,
+    *,
+    total_steps: int,
+    steps_per_epoch: int | None = None,
+    step_size: int = 100,
+    gamma: float = 0.5,
+    every: str = "epoch",
+) -> LambdaLR:
+    """lr = base * gamma^(k // step_size), k the epoch (`every="epoch"`, torch's `StepLR` stepped
+    once per epoch, as MTAN and the Nash-MTL/FAMO NYUv2 trainers do) or the optimiser step."""
+    _check(total_steps, 0, 0.0)
+    _progress(0, total_steps, every, steps_per_epoch)
+    if step_size < 1 or not 0.0 < gamma <= 1.0:
+        raise ValueError(f"sched.step_size={step_size}, sched.gamma={gamma}: expected step_size >= 1 and 0 < gamma <= 1")
+
+    def factor(i: int) -> float:
+        k = i // steps_per_epoch if every == "epoch" else i
+        return gamma ** (k // step_size)
+
+    return LambdaLR(optimizer, factor)

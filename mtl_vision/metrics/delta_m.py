@@ -5,7 +5,7 @@
 with M_t the multi-task model's metric of task t, B_t the single-task model's, l_t = 1 when lower
 is better. Positive Δm means the multi-task model is better on average.
 
-Two conventions:
+Three conventions:
 
 * ``mtinet`` (default): one metric per task, its primary (semseg/human_parts mIoU, depth rmse,
   normals mean angle, saliency maxF, edge odsF), as in the tables of MTI-Net, ATRC, InvPT and
@@ -15,6 +15,9 @@ Two conventions:
   mIoU, which its own Δm uses) under ``mtinet``; both sides must have been scored with it.
 * ``libmtl``: LibMTL's mean over every metric of a task (each with its own direction), then over
   tasks. Per-class IoUs and losses are left out.
+* ``pooled``: the mean over every metric of every task at once, so a task counts by its number of
+  metrics (Nash-MTL, FAMO, CAGrad: ``delta_fn`` of nash-mtl/FAMO ``experiments/nyuv2/utils.py``
+  over 2 + 2 + 5 NYUv2 metrics; their tables print it with the other sign, lower = better).
 
 A baselines file is YAML, one per dataset and backbone (``baselines/<data.name>/<backbone>.yaml``
 by default), written by ``mtl-train experiment=single_task data.tasks=[<task>]``::
@@ -50,7 +53,7 @@ from mtl_vision.tasks import get_task
 
 log = logging.getLogger(__name__)
 
-CONVENTIONS = ("mtinet", "libmtl")
+CONVENTIONS = ("mtinet", "libmtl", "pooled")
 KEY = "delta_m"
 
 __all__ = [
@@ -117,7 +120,7 @@ def delta_m(
     protocol = check_protocol(protocol)
     if not tasks:
         raise ValueError("delta_m needs at least one task")
-    per_task = []
+    per_task, terms = [], []
     for task in tasks:
         if task not in baselines:
             raise ValueError(f"no single-task baseline for task {task!r} (baselines have {sorted(baselines)})")
@@ -130,8 +133,10 @@ def delta_m(
             raise ValueError(
                 f"task {task!r}: no metric both in the results {sorted(ours)} and in the baseline {sorted(base)}{need}"
             )
-        per_task.append(sum(_term(task, k, ours[k], float(base[k])) for k in keys) / len(keys))
-    return sum(per_task) / len(per_task)
+        own = [_term(task, k, ours[k], float(base[k])) for k in keys]
+        terms += own
+        per_task.append(sum(own) / len(own))
+    return sum(terms) / len(terms) if convention == "pooled" else sum(per_task) / len(per_task)
 
 
 def load_baselines(path: str | os.PathLike, protocol: str | None = None) -> dict[str, dict[str, float]]:
@@ -234,7 +239,8 @@ class DeltaM:
 
     Args:
         baselines: path of the baselines YAML; a missing file means no Δm (nothing is logged).
-        convention: ``mtinet`` (primary metric per task) or ``libmtl`` (mean over all metrics).
+        convention: ``mtinet`` (primary metric per task), ``libmtl`` (mean over all metrics of each
+            task, then over tasks) or ``pooled`` (mean over all metrics of all tasks).
         protocol: the evaluation protocol (``eval.protocol``) of the results and the baselines;
             it chooses the saliency primary under ``mtinet``.
     """

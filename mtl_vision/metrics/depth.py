@@ -7,6 +7,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from mtl_vision.metrics.functional import _depth_compute, _depth_sq_rel_compute, _depth_sq_rel_update, _depth_update
+from mtl_vision.metrics.mtan import batch_mean, depth_batch
 from mtl_vision.metrics.protocols import DEFAULT_PROTOCOL, check_protocol
 
 __all__ = ["DepthMetrics"]
@@ -29,8 +30,12 @@ class DepthMetrics(Metric):
     turned missing depth (0) into 255, TaskPrompter and MLoRE count 0 < gt < 80; on NYUD
     (depth below 10 m) both select exactly ``target > 0``.
 
+    ``protocol="mtan"`` (MTAN, nash-mtl, FAMO ``depth_error``) gives ``abs_err`` and ``abs_rel`` as
+    their trainers do: per validation batch over its pixels with ``target != 0``, then the mean
+    over batches (``metrics/mtan.py``); the other keys stay pooled.
+
     Args:
-        protocol: ``atrc`` (default), ``invpt`` or ``mtinet``.
+        protocol: ``atrc`` (default), ``invpt``, ``mtinet``, ``mtlora`` or ``mtan``.
 
     ``update(pred, target)``: depth in metres, (N, H, W) or (N, 1, H, W), any float dtype.
     ``compute()`` returns ``{"rmse", "abs_err", "abs_rel", "log_rmse", "delta1"}`` (+ ``sq_rel`` under
@@ -57,6 +62,9 @@ class DepthMetrics(Metric):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         for name in ("n_valid", "n_delta1"):
             self.add_state(name, default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+        if self.protocol == "mtan":
+            self.add_state("batch_errors", default=torch.zeros(2, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state("n_batches", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, pred: Tensor, target: Tensor) -> None:
         """Add one batch of predicted depth ``pred`` and ground truth ``target``, (N, H, W)."""
@@ -69,6 +77,9 @@ class DepthMetrics(Metric):
         self.n_delta1 += n_delta1
         if self.protocol == "invpt":
             self.sum_sq_rel += _depth_sq_rel_update(pred, target)
+        if self.protocol == "mtan" and (errors := depth_batch(pred, target)) is not None:
+            self.batch_errors += torch.tensor(errors, dtype=torch.float64, device=self.batch_errors.device)
+            self.n_batches += 1
 
     def compute(self) -> dict[str, Tensor]:
         """Split-level depth errors."""
@@ -77,4 +88,7 @@ class DepthMetrics(Metric):
         )
         if self.protocol == "invpt":
             out |= _depth_sq_rel_compute(self.sum_sq_rel, self.n_valid)
+        if self.protocol == "mtan":
+            abs_err, abs_rel = batch_mean(self.batch_errors, self.n_batches)
+            out |= {"abs_err": abs_err, "abs_rel": abs_rel}
         return out

@@ -16,6 +16,7 @@ from mtl_vision.metrics.functional import (
     _normal_sums_update,
     _protocol_normals,
 )
+from mtl_vision.metrics.mtan import NORMAL_KEYS, batch_mean, normal_batch
 from mtl_vision.metrics.protocols import DEFAULT_PROTOCOL, check_protocol
 
 __all__ = ["NormalMetrics"]
@@ -42,6 +43,10 @@ class NormalMetrics(Metric):
     per pixel near 0 degrees, far less in the means). ``atrc`` and ``invpt`` score the
     prediction as given, as ATRC's ``MeanErrorInAngle`` and InvPT's ``NormalsMeter`` do (InvPT
     scales by 255 and back in float, without rounding to integers); both report ``mean`` only.
+
+    ``protocol="mtan"`` (MTAN, nash-mtl, FAMO ``normal_error``) gives ``mean``, ``median`` and
+    ``within_*`` as their trainers do: per validation batch (float32 ``acos``, exact median, their
+    mask ``target.sum(channels) != 0``), then the mean over batches (``metrics/mtan.py``).
 
     Args:
         bin_width_deg: histogram resolution in degrees, in (0, 180].
@@ -77,6 +82,9 @@ class NormalMetrics(Metric):
         self.add_state(
             "within", default=torch.zeros(len(NORMAL_WITHIN_DEG), dtype=torch.int64), dist_reduce_fx="sum"
         )
+        if self.protocol == "mtan":
+            self.add_state("batch_errors", default=torch.zeros(len(NORMAL_KEYS), dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state("n_batches", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, pred: Tensor, target: Tensor) -> None:
         """Add one batch of predicted and ground-truth normals, (N, 3, H, W)."""
@@ -87,8 +95,14 @@ class NormalMetrics(Metric):
         self.n_valid += n_valid
         self.within += within
         self.hist += _normal_histogram_update(angles, self.bin_width_deg)
+        if self.protocol == "mtan" and (errors := normal_batch(pred, target)) is not None:
+            self.batch_errors += torch.tensor(errors, dtype=torch.float64, device=self.batch_errors.device)
+            self.n_batches += 1
 
     def compute(self) -> dict[str, Tensor]:
         """Split-level angular errors; median from the histogram (error < ``bin_width_deg``)."""
         median = _histogram_median(self.hist, self.bin_width_deg)
-        return _normal_compute(self.sum_angle, self.sum_sq_angle, self.n_valid, self.within, median)
+        out = _normal_compute(self.sum_angle, self.sum_sq_angle, self.n_valid, self.within, median)
+        if self.protocol == "mtan":
+            out |= dict(zip(NORMAL_KEYS, batch_mean(self.batch_errors, self.n_batches)))
+        return out

@@ -20,6 +20,12 @@ whose evaluation a run reproduces; tasks where the codebases agree score the sam
   file; ``max_mIoU_per_image`` is the saliency "mIoU" their tables and Δm use) and their "Beta maxF"
   (= InvPT's ``maxF_sigmoid_prob``); normals as ``atrc`` (their ``rmse`` key holds the mean angle).
 
+* ``mtan``: MTAN and the balancing papers that train it (Liu et al., CVPR 2019; lorenmt/mtan
+  ``im2im_pred/utils.py``, copied by AvivNavon/nash-mtl and Cranial-XIX/FAMO
+  ``experiments/nyuv2/utils.py``): mIoU and pixel accuracy from the split's confusion matrix, but
+  depth ``abs_err``/``abs_rel`` and normals ``mean``/``median``/``within_*`` per validation batch,
+  averaged over the batches (``metrics/mtan.py``); depth's primary is ``abs_err``.
+
 Every protocol also reports the ATRC ``maxF``, so runs stay comparable across protocols.
 """
 
@@ -29,7 +35,7 @@ from mtl_vision.errors import closest
 
 __all__ = ["DEFAULT_PROTOCOL", "PROTOCOLS", "check_protocol", "protocol_primary"]
 
-PROTOCOLS = ("atrc", "invpt", "mtinet", "mtlora")
+PROTOCOLS = ("atrc", "invpt", "mtinet", "mtlora", "mtan")
 DEFAULT_PROTOCOL = "atrc"
 
 # The primary metric of a task where a protocol's paper uses another one than the task's default
@@ -37,6 +43,7 @@ DEFAULT_PROTOCOL = "atrc"
 # the saliency mIoU.
 _PRIMARY = {
     "saliency": {"invpt": "maxF_sigmoid_prob", "mtinet": "max_mIoU_per_image", "mtlora": "max_mIoU_per_image"},
+    "depth": {"mtan": "abs_err"},  # MTAN reports abs and rel error, no rmse
 }
 
 

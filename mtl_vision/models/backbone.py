@@ -53,7 +53,26 @@ def _load_pretrained(model: nn.Module, name: str, kwargs: dict[str, Any], overla
     model.load_state_dict(state, strict=True)
 
 
-class Backbone(nn.Module):
+class FeatureBackbone(nn.Module):
+    """What `MultiTaskModel` and the decoders read from a backbone, timm-based or not:
+    `forward(image) -> list of NCHW maps` (or `{task: maps}` when `task_conditioned`), their
+    `channels` and `strides`, the input normalisation `mean`/`std` ((1,3,1,1) buffers), `name`,
+    and the trained `tasks` (bound at run time). `Backbone` wraps timm; a network timm lacks
+    (MTAN's SegNet, `models/segnet.py`) subclasses this directly."""
+
+    name: str
+    tasks: list[str] | None
+    channels: list[int]
+    strides: list[int]
+    mean: Tensor
+    std: Tensor
+
+    @property
+    def task_conditioned(self) -> bool:
+        return False
+
+
+class Backbone(FeatureBackbone):
     """A timm model in `features_only` mode.
 
     Args:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mtl_vision.models.backbone import Backbone
+from mtl_vision.models.backbone import FeatureBackbone
 from mtl_vision.models.decoders.common import resize_to
 
 
-def encode_with(backbone: Backbone, decoder: nn.Module, x: Tensor) -> list[Tensor] | dict[str, list[Tensor]]:
+def encode_with(backbone: FeatureBackbone, decoder: nn.Module, x: Tensor) -> list[Tensor] | dict[str, list[Tensor]]:
     """The backbone's features of a normalised batch; a decoder that works inside the encoder
     (TaskPrompter's prompts join the ViT's attention) declares `encode(backbone, x)` and runs the
     backbone's modules itself."""
@@ -29,7 +29,7 @@ class MultiTaskModel(nn.Module):
     pair it with the wrong mean/std.
     """
 
-    def __init__(self, *, backbone: Backbone, decoder: nn.Module) -> None:
+    def __init__(self, *, backbone: FeatureBackbone, decoder: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
         self.decoder = decoder

@@ -20,7 +20,7 @@ The decoder contract (every file in conf/decoder/ builds one):
   encoder (TaskPrompter's prompts join the ViT's attention): `MultiTaskModel.encode` then calls it
   instead of the backbone, `encoder_modules` names the decoder's submodules used there (gradient
   balancers of the features count them as shared), and `backbone_kind = "vit"` says it needs a
-  plain ViT.
+  plain ViT (`"segnet"`: the 20 maps of `backbone=segnet`, MTAN's attention).
 
 Decoders that need several scales take them from the backbone levels (`levels` / `min_stride`)
 or, for single-scale backbones such as ViT (every level at stride 16), from `ScalePyramid`,
