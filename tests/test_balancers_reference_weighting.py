@@ -56,7 +56,7 @@ def _run(balancer: nn.Module, case: dict, *, epoch_steps: int | None, lr: float,
     balancer.train()
     own = list(balancer.parameters())
     optimiser = torch.optim.SGD([{"params": [model.backbone.x], "lr": 0.0}, {"params": own, "lr": lr}])
-    record: dict[str, list] = {"loss_grad": [], "shared_grad": [], "own": []}
+    record: dict[str, list] = {"loss_grad": [], "shared_grad": [], "own": [], "weights": []}
     x = model.backbone.x
     for k in range(grads.shape[0]):
         # a leaf for the loss values, so d total / d L is read off its .grad (GradNorm's own
@@ -69,6 +69,7 @@ def _run(balancer: nn.Module, case: dict, *, epoch_steps: int | None, lr: float,
         total = balancer(losses)
         total.backward()
         record["loss_grad"].append(value.grad.double())
+        record["weights"].append(torch.stack([torch.as_tensor(balancer.last_weights[t]) for t in tasks]).double())
         record["shared_grad"].append(x.grad.detach().double().clone())
         optimiser.step()
         after = None
@@ -121,9 +122,11 @@ def test_gradnorm_equals_libmtl(case):
     data, theirs = fx["cases"][case], fx["results"]["GradNorm"][case]
     balancer = GradNorm(tasks=_tasks(data), alpha=fx["args"]["GradNorm"]["alpha"])
     ours = _run(balancer, data, epoch_steps=fx["epoch_steps"], lr=fx["lr"])
-    # LibMTL returns the weights; its `losses` are backpropagated plainly while it collects the
-    # per-task gradients, so d objective / d L is not its weighting: compare the returned weights
-    assert_equal_to_reference(ours["loss_grad"], theirs["weights"], f"GradNorm {case} weights")
+    # LibMTL back-propagates every loss plainly while it collects the per-task gradients and then
+    # overwrites the shared gradient only: d objective / d L_t is 1 (what every head's gradient is
+    # multiplied by, `heads: plain`), and the weights are what it returns
+    assert_equal_to_reference(ours["loss_grad"], theirs["loss_grad"], f"GradNorm {case} d objective / d L (heads)")
+    assert_equal_to_reference(ours["weights"], theirs["weights"], f"GradNorm {case} weights")
     assert_equal_to_reference(ours["shared_grad"], theirs["shared_grad"], f"GradNorm {case} shared gradient")
     assert_equal_to_reference(ours["own"], theirs["own_params"], f"GradNorm {case} softmax logits")
     assert not torch.allclose(theirs["weights"][-1], torch.ones_like(theirs["weights"][-1]))

@@ -283,7 +283,7 @@ class _Tiny(nn.Module):
 def _paper_gradnorm(**kwargs) -> GradNorm:
     """The paper's parametrisation (the default is LibMTL's, tested against it in
     test_balancers_reference_weighting.py)."""
-    return GradNorm(tasks=TASKS, weights="renormalised", initial="first_step", **kwargs)
+    return GradNorm(tasks=TASKS, weights="renormalised", initial="first_step", heads="weighted", **kwargs)
 
 
 def test_gradnorm_gradients_of_weights_and_model():
@@ -344,7 +344,11 @@ def test_gradnorm_records_initial_losses_and_renormalises():
 
 def test_gradnorm_errors_name_the_problem():
     with pytest.raises(ValueError, match="backbone.9.weight"):
-        GradNorm(tasks=TASKS, layer="backbone.9.weight").bind(_Tiny())
+        GradNorm(tasks=TASKS, layer="backbone.9.weight", heads="weighted").bind(_Tiny())
+    with pytest.raises(ValueError, match=r"balancer.heads=plain .* needs balancer.layer=shared \(got 'backbone.2.weight'\)"):
+        GradNorm(tasks=TASKS, layer="backbone.2.weight")
+    with pytest.raises(ValueError, match=r"balancer.heads must be one of \['plain', 'weighted'\], got 'mixed'"):
+        GradNorm(tasks=TASKS, heads="mixed")
     with pytest.raises(ValueError, match="alpha"):
         GradNorm(tasks=TASKS, alpha=-1.0)
     model = _Tiny()
@@ -379,6 +383,33 @@ def test_gradnorm_default_warms_up_for_an_epoch_on_all_shared_parameters():
     assert bal.logits.grad is not None and bal.logits.grad.abs().sum() > 0
     bal.on_train_epoch_end()  # later epochs leave L(0) alone
     assert bal.initial_losses.tolist() == pytest.approx(torch.tensor(seen).mean(0).tolist(), rel=1e-6)
+
+
+@pytest.mark.parametrize("heads", ["plain", "weighted"])
+def test_gradnorm_heads_get_the_plain_or_the_weighted_gradient(heads):
+    """After the warm-up, the shared parameters get sum_t w_t dL_t in both; the heads sum_t dL_t
+    (`plain`, LibMTL's) or sum_t w_t dL_t (`weighted`, the paper's); the value is sum_t w_t L_t plus
+    the gradient loss either way."""
+    model = _Tiny()
+    bal = GradNorm(tasks=TASKS, heads=heads)
+    bal.bind(model)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(5))
+    bal(model.losses(x))
+    bal.on_train_epoch_end()
+    with torch.no_grad():
+        bal.logits.copy_(torch.tensor([0.0, math.log(3.0)]))  # w = (0.5, 1.5)
+    model.zero_grad()
+    total = bal(model.losses(x))
+    total.backward()
+    losses = model.losses(x)
+    weighted = torch.autograd.grad(0.5 * losses["semseg"] + 1.5 * losses["depth"], list(model.parameters()), retain_graph=True)
+    plain = torch.autograd.grad(losses["semseg"] + losses["depth"], list(model.parameters()))
+    for (name, param), w, p in zip(model.named_parameters(), weighted, plain, strict=True):
+        want = w if name.startswith("backbone.") or heads == "weighted" else p
+        torch.testing.assert_close(param.grad, want, rtol=1e-5, atol=1e-7, msg=name)
+    assert not torch.allclose(weighted[-1], plain[-1])  # the heads' two gradients differ
+    value = 0.5 * losses["semseg"] + 1.5 * losses["depth"]
+    assert float(total) >= float(value) - 1e-6  # + |G - target| >= 0
 
 
 class _Dense(nn.Module):

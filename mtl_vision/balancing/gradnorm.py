@@ -17,7 +17,12 @@ step); `initial: first_epoch` (LibMTL: equal weights and no weight training duri
 L_t(0) = the task's mean training loss of epoch 0) or `first_step` (the paper: L_t(0) = the
 first step's loss, weights trained from the first step); `layer`: `shared` (LibMTL: every
 trainable parameter under `shared`), null (the last backbone weight, the paper's "last shared
-layer") or a parameter name.
+layer") or a parameter name; `heads: plain` (LibMTL: it back-propagates every task loss plainly
+to collect the task gradients and then overwrites only the shared parameters' gradient with
+sum_t w_t g_t, so the other parameters keep sum_t dL_t) or `weighted` (the paper: everything
+trains on sum_t w_t L_t). `heads: plain` needs `layer: shared`: the shared parameters' weighted
+gradient is added as a linear term <sum_t (w_t - 1) g_t, W> built from the per-task gradients it
+has computed anyway, while the loss itself is summed unweighted.
 
 Mixed precision: the training module sets `grad_scale` to the step's GradScaler scale; the task
 losses are multiplied by it before `autograd.grad`, so fp16 activation gradients do not underflow,
@@ -40,6 +45,7 @@ from mtl_vision.tasks import check_task_keys
 _MIN_WEIGHT = 1e-6
 _WEIGHTS = ("softmax", "renormalised")
 _INITIAL = ("first_epoch", "first_step")
+_HEADS = ("plain", "weighted")
 
 
 class GradNorm(Balancer):
@@ -51,6 +57,8 @@ class GradNorm(Balancer):
         layer: "shared" (all trainable parameters under `shared`, LibMTL), null (the last weight
             with ndim > 1 of `model.backbone`), or a dotted name from `model.named_parameters()`.
         shared: module prefixes of the model whose parameters are shared (for `layer: shared`).
+        heads: "plain" (LibMTL: parameters outside `shared` get sum_t dL_t) or "weighted" (the
+            paper: sum_t w_t dL_t), see the module docstring.
 
     Parameter: `logits` (T,) for "softmax", `weights` (T,) for "renormalised", trained by the model
     optimiser. Buffers: `initial_losses` (T,), `has_initial` (), and for "first_epoch" the epoch-0
@@ -71,6 +79,7 @@ class GradNorm(Balancer):
         initial: Literal["first_epoch", "first_step"] = "first_epoch",
         layer: str | None = "shared",
         shared: Sequence[str] = ("backbone",),
+        heads: Literal["plain", "weighted"] = "plain",
     ) -> None:
         super().__init__(tasks=tasks)
         if not float(alpha) >= 0:
@@ -81,6 +90,14 @@ class GradNorm(Balancer):
             raise ValueError(f"balancer.initial must be one of {list(_INITIAL)}, got {initial!r}")
         if layer is not None and not isinstance(layer, str):
             raise ValueError(f"balancer.layer must be 'shared', a parameter name or null, got {layer!r}")
+        if heads not in _HEADS:
+            raise ValueError(f"balancer.heads must be one of {list(_HEADS)}, got {heads!r}")
+        if heads == "plain" and layer != "shared":
+            raise ValueError(
+                f"balancer.heads=plain gives the shared parameters their weighted gradient from the per-task gradients "
+                f"on all of them, so it needs balancer.layer=shared (got {layer!r}); use balancer.heads=weighted"
+            )
+        self.heads = heads
         shared = [shared] if isinstance(shared, str) else [str(s).strip(".") for s in shared]
         if layer == "shared" and not shared:
             raise ValueError("balancer.shared is empty: name at least one module prefix, e.g. [backbone]")
@@ -161,22 +178,27 @@ class GradNorm(Balancer):
             weights = torch.ones_like(weights)
         return {t: weights[i] for i, t in enumerate(self.tasks)}
 
-    def _task_gradient_norms(self, losses: Mapping[str, Tensor]) -> Tensor:
+    def _task_gradient_norms(
+        self, losses: Mapping[str, Tensor], mix: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor] | None]:
         """(T,) float32 norms of the process-averaged gradients of each task loss on W, computed
-        from the loss times `grad_scale` and unscaled in float32."""
+        from the loss times `grad_scale` and unscaled in float32; with `mix` (T,) also the local
+        sum_t mix_t dL_t/dW per parameter of W (float32, unscaled), else None."""
         scale = float(self.grad_scale)
         norms = []
-        for t in self.tasks:
+        mixed = None if mix is None else [torch.zeros_like(p, dtype=torch.float32) for p in self._shared]
+        for i, t in enumerate(self.tasks):
             grads: Sequence[Tensor | None] = [None] * len(self._shared)
             if losses[t].requires_grad:
                 grads = torch.autograd.grad(
                     losses[t].float() * scale, self._shared, retain_graph=True, allow_unused=True
                 )
-            flat = torch.cat(
-                [(torch.zeros_like(p) if g is None else g).float().flatten() for g, p in zip(grads, self._shared)]
-            )
-            norms.append(all_reduce_mean(flat / scale).norm())
-        return torch.stack(norms)
+            grads = [(torch.zeros_like(p) if g is None else g).float() / scale for g, p in zip(grads, self._shared)]
+            norms.append(all_reduce_mean(torch.cat([g.flatten() for g in grads])).norm())
+            if mixed is not None:
+                for acc, g in zip(mixed, grads, strict=True):
+                    acc.add_(g, alpha=float(mix[i]))
+        return torch.stack(norms), mixed
 
     def forward(self, losses: Mapping[str, Tensor]) -> Tensor:
         check_task_keys(losses, self.tasks, what=f"{type(self).__name__} losses")
@@ -185,6 +207,10 @@ class GradNorm(Balancer):
         self.last_weights = {t: weights[t].float() for t in self.tasks}
         if not (self.training and torch.is_grad_enabled()):
             return total
+        if self.heads == "plain" and not self._warming_up():
+            # the value stays sum_t w_t L_t; the gradient is sum_t dL_t everywhere, plus the
+            # linear term below on W (see the module docstring)
+            total = sum(losses[t] for t in self.tasks) + (total - sum(losses[t] for t in self.tasks)).detach()
         if not self._shared:
             raise RuntimeError("GradNorm: call bind(model) before training, so it can find the shared parameters")
         reference = self.reference_losses(losses)
@@ -201,12 +227,18 @@ class GradNorm(Balancer):
                 self.initial_losses.copy_(current)
                 self.has_initial.fill_(True)
         weights = self._weights()
-        grad_norms = weights * self._task_gradient_norms(losses).to(weights)
+        mix = (weights.detach() - 1.0) if self.heads == "plain" else None
+        norms, mixed = self._task_gradient_norms(losses, mix)
+        grad_norms = weights * norms.to(weights)
         with torch.no_grad():
             ratio = current / self.initial_losses.clamp_min(1e-12)
             relative = ratio / ratio.mean().clamp_min(1e-12)
             target = grad_norms.mean() * relative**self.alpha
-        return total + (grad_norms - target).abs().sum()
+        total = total + (grad_norms - target).abs().sum()
+        if mixed is not None:  # d/dW = sum_t (w_t - 1) g_t, value 0: W's gradient becomes sum_t w_t g_t
+            linear = sum((m.to(p.dtype) * p).sum() for m, p in zip(mixed, self._shared, strict=True))
+            total = total + (linear - linear.detach())
+        return total
 
     @torch.no_grad()
     def after_step(self, losses: Mapping[str, Tensor] | None = None) -> None:
