@@ -10,7 +10,7 @@ import torch
 from conftest import balancer_modes, config_groups
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from torchjd.aggregation import MGDA, NashMTL, PCGrad, UPGrad
+from torchjd.aggregation import MGDA, GradDrop, NashMTL, PCGrad, UPGrad
 
 from mtl_vision.balancing.gradient import GradientBalancer, gramian_stats, psd_root
 from mtl_vision.cli import CONFIG_DIR
@@ -229,6 +229,39 @@ def test_features_mode_backpropagates_the_aggregated_feature_gradient():
     params = dict(reference.named_parameters())
     head = "decoder.heads.semseg.1.weight"
     torch.testing.assert_close(got[head], torch.autograd.grad(losses["semseg"], params[head])[0])
+
+
+def test_features_mode_batch_sum_gramian_weighs_the_per_sample_rows():
+    """`gramian: batch_sum`: the weights are MGDA's on the Gramian of the feature gradients summed
+    over the batch (LibMTL's rep_grad), and they combine the per-sample feature rows."""
+    model, batch = _model(), _batch()
+    loss = MultiTaskLoss(tasks=TASKS)
+    balancer = _balancer(MGDA(), TASKS, mode="features", gramian="batch_sum")
+    step = TaskGradientStep(model, balancer, TASKS)
+    step.micro_batch(batch["image"], _losses(loss, batch), lambda: None, scale=1.0, divide=1)
+    assert step.write_gradients(scale=1.0)[0]
+    got_weights = torch.stack([balancer.last_weights[t] for t in TASKS])
+
+    reference = _model()
+    detached = [f.detach().requires_grad_() for f in reference.encode(batch["image"])]
+    losses = loss(reference.decode(detached, tuple(batch["image"].shape[-2:])), batch)
+    rows, sums = [], []
+    for task in TASKS:
+        grads = torch.autograd.grad(losses[task], detached, retain_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(f) if g is None else g for g, f in zip(grads, detached, strict=True)]
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+        sums.append(torch.cat([g.sum(0).reshape(-1) for g in grads]))
+    summed, jacobian = torch.stack(sums), torch.stack(rows)
+    expected = MGDA().gramian_weighting((summed @ summed.T).double()).float()
+    torch.testing.assert_close(got_weights, expected, rtol=1e-5, atol=1e-6)
+    per_sample = MGDA().gramian_weighting((jacobian @ jacobian.T).double()).float()
+    assert not torch.allclose(expected, per_sample, atol=1e-3)  # the two Gramians weigh differently here
+    with pytest.raises(ValueError, match=r"balancer.gramian=batch_sum .* needs balancer.mode=features \(got 'params'"):
+        _balancer(MGDA(), TASKS, mode="params", gramian="batch_sum")
+    with pytest.raises(ValueError, match=r"GradDrop acts on the Jacobian's entries themselves"):
+        _balancer(GradDrop(), TASKS, mode="features", gramian="batch_sum")
+    with pytest.raises(ValueError, match=r"balancer.gramian must be one of \['per_sample', 'batch_sum'\], got 'mean'"):
+        _balancer(MGDA(), TASKS, mode="features", gramian="mean")
 
 
 def test_non_finite_losses_are_reported_not_aggregated():

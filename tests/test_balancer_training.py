@@ -135,7 +135,8 @@ def test_gradient_clipping_and_accumulation_under_manual_optimisation(make_cfg):
 def _ddp_configs() -> list[str]:
     """Every file of conf/balancer/ (gradient strategies in every mode they declare), plus the variants whose
     state paths differ: FAMO's next-batch update, GradNorm trained from step 1 (the default warms up
-    for an epoch, longer than this test), DWA on a step window, accumulation of a gradient strategy."""
+    for an epoch, longer than this test), DWA on a step window, STCH past its warm-up, the
+    batch-summed feature Gramian, accumulation of a gradient strategy."""
     specs = []
     for name in config_groups()["balancer"]:
         specs.append(name)
@@ -147,6 +148,7 @@ def _ddp_configs() -> list[str]:
         "gradnorm:balancer.initial=first_step",
         "dwa:balancer.every_n_steps=1",
         "stch:balancer.warmup=0,balancer.warmup_unit=step",  # nadir from step 1, STCH in steps 2-3
+        "mgda:balancer.mode=features,balancer.gramian=batch_sum",
         "pcgrad:trainer.accumulate_grad_batches=2",
     ]
 

@@ -56,6 +56,7 @@ from mtl_vision.balancing.reference import JacobianAggregator, ReferenceAggregat
 MODES = ("params", "features")
 HEADS = ("plain", "weighted")
 TRANSFORMS = ("none", "log", "learned_scale")
+GRAMIANS = ("per_sample", "batch_sum")
 LOG_EPS = 1e-8  # log(L + 1e-8), LibMTL's DB_MTL
 
 
@@ -93,6 +94,9 @@ class GradientBalancer(Balancer):
         they are large, and heads weighted by them would take steps that many times larger
         (features mode is not in the authors' code; conf/balancer/nashmtl.yaml: plain).
     transform: "none", "log" or "learned_scale": what the strategy differentiates (module docstring).
+    gramian: `mode: features` only: "per_sample" (the Gramian of the feature Jacobian, every
+        sample's entries apart) or "batch_sum" (of the feature gradients summed over the batch, as
+        LibMTL forms it from representation gradients); the weights always act on the per-sample rows.
     """
 
     needs_task_gradients: ClassVar[bool] = True
@@ -108,8 +112,17 @@ class GradientBalancer(Balancer):
         heads: str = "plain",
         features_heads: str | None = None,
         transform: str = "none",
+        gramian: str = "per_sample",
     ) -> None:
         super().__init__(tasks=tasks)
+        if gramian not in GRAMIANS:
+            raise ValueError(f"balancer.gramian must be one of {list(GRAMIANS)}, got {gramian!r}")
+        if gramian == "batch_sum" and mode != "features":
+            raise ValueError(
+                "balancer.gramian=batch_sum sums the feature gradients over the batch, so it needs balancer.mode=features "
+                f"(got {mode!r}; in params mode the parameters' gradients are batch sums already)"
+            )
+        self.gramian = gramian
         if transform not in TRANSFORMS:
             raise ValueError(f"balancer.transform must be one of {list(TRANSFORMS)}, got {transform!r}")
         self.transform = transform
@@ -144,6 +157,11 @@ class GradientBalancer(Balancer):
             )
         self.aggregator = aggregator
         self.mode = mode
+        if gramian == "batch_sum" and not self.gramian_based:
+            raise ValueError(
+                f"balancer.gramian=batch_sum changes the Gramian a weighting reads; {type(aggregator).__name__} acts on the "
+                "Jacobian's entries themselves, so it has no batch-summed variant: use balancer.gramian=per_sample"
+            )
         self.seed = int(seed)
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.last_stats: dict[str, float] = {}

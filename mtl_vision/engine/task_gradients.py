@@ -15,7 +15,9 @@ needs:
 - `mode: features`: per micro-batch, the Gramian of the per-task gradients of the backbone's
   output (T x T) is summed across processes; the weights follow from it on every rank alike, each
   rank backpropagates the weighted feature gradient of its own samples, and the parameter
-  gradients are averaged once per step. With gradient accumulation each micro-batch is weighted
+  gradients are averaged once per step. With `gramian: batch_sum` the weights come instead from
+  the Gramian of the feature gradients summed over the batch (LibMTL's representation gradients),
+  whose (T x per-sample features) sums are summed across processes. With gradient accumulation each micro-batch is weighted
   from its own Gramian (the features of earlier micro-batches are gone by then).
 
 Mixed precision: task losses are multiplied by the GradScaler's scale before differentiation and
@@ -186,17 +188,29 @@ class TaskGradientStep:
         extra = extra_loss()
         plain_params = [self.params[i] for i in self.plain_idx]
         inputs = [*detached, *plain_params]
-        rows, per_task = [], []
+        rows, per_task, sums = [], [], []
+        batch_sum = self.balancer.gramian == "batch_sum"
         for task in self.tasks:
             grads = self._grads(losses[task] / divide, inputs, scale=scale, retain=True)
             rows.append(_flat(grads[: len(detached)], detached))
             per_task.append(grads[len(detached) :])
+            if batch_sum:  # each map's gradient summed over the batch (LibMTL's rep_grad Gramian)
+                sums.append(torch.cat([
+                    (torch.zeros_like(f[0]) if g is None else g.sum(0)).float().reshape(-1)
+                    for g, f in zip(grads[: len(detached)], detached, strict=True)
+                ]))  # fmt: skip
         jacobian = torch.stack(rows)  # (T, local feature entries), float32
         self.acc.losses = _add(self.acc.losses, self._loss_vector(losses) / divide)
         with torch.autocast(jacobian.device.type, enabled=False):
-            # the global batch's mean loss is the mean of the processes' mean losses, so its feature
-            # Jacobian is [J_1 ... J_R] / R and its Gramian sum_r G_r / R^2
-            gramian = all_reduce_sum((jacobian @ jacobian.T).double()) / world_size() ** 2
+            if batch_sum:
+                # the global batch's per-sample gradients are the processes' divided by R, so its
+                # batch sum is sum_r S_r / R
+                summed = all_reduce_sum(torch.stack(sums)) / world_size()
+                gramian = (summed @ summed.T).double()
+            else:
+                # the global batch's mean loss is the mean of the processes' mean losses, so its
+                # feature Jacobian is [J_1 ... J_R] / R and its Gramian sum_r G_r / R^2
+                gramian = all_reduce_sum((jacobian @ jacobian.T).double()) / world_size() ** 2
             finite = bool(torch.isfinite(gramian).all())
             heads = None
             if finite:
