@@ -1,6 +1,6 @@
 """CAGrad as Cranial-XIX/CAGrad runs it on NYUv2 (nyuv2/utils.py: `cagrad` and `overwrite_grad`
 inside `multi_task_mgd_trainer`, with `--alpha 0.4` of nyuv2/run.sh) and as LibMTL runs it
-(LibMTL/weighting/CAGrad.py `CAGrad.backward`, calpha 0.5, rescale 1, from /work/scratch/bal/LibMTL
+(LibMTL/weighting/CAGrad.py `CAGrad.backward`, calpha 0.5, rescale 1, from the --libmtl checkout
 or --libmtl).
 
 Their `cagrad` is a local function of the trainer, fixed to 3 tasks: it is taken from their file
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import os
 import subprocess
 import sys
 import types
@@ -21,9 +20,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 
-from balancer_fixtures.common import cases, write
-
-LIBMTL = Path(os.environ.get("LIBMTL", "/work/scratch/bal/LibMTL"))
+from balancer_fixtures.common import cases, libmtl_checkout, write
 
 
 def _authors_cagrad(repo: Path):
@@ -58,11 +55,11 @@ class _LibMTLSelf:
 def _libmtl_backward():
     # their package __init__ imports the whole trainer (torch_geometric, ...): bind the two package
     # names to their folders only, so that just the weighting modules load
-    for name, folder in (("LibMTL", LIBMTL / "LibMTL"), ("LibMTL.weighting", LIBMTL / "LibMTL" / "weighting")):
+    for name, folder in (("LibMTL", libmtl_checkout() / "LibMTL"), ("LibMTL.weighting", libmtl_checkout() / "LibMTL" / "weighting")):
         package = types.ModuleType(name)
         package.__path__ = [str(folder)]
         sys.modules.setdefault(name, package)
-    spec = importlib.util.spec_from_file_location("libmtl_cagrad", LIBMTL / "LibMTL" / "weighting" / "CAGrad.py")
+    spec = importlib.util.spec_from_file_location("libmtl_cagrad", libmtl_checkout() / "LibMTL" / "weighting" / "CAGrad.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.CAGrad.backward
@@ -72,7 +69,7 @@ def build(repo: Path, out: Path) -> None:
     theirs = _authors_cagrad(repo)
     libmtl = _libmtl_backward()
     commit = subprocess.check_output(["git", "-C", str(repo), "rev-parse", "HEAD"], text=True).strip()
-    libmtl_commit = subprocess.check_output(["git", "-C", str(LIBMTL), "rev-parse", "HEAD"], text=True).strip()
+    libmtl_commit = subprocess.check_output(["git", "-C", str(libmtl_checkout()), "rev-parse", "HEAD"], text=True).strip()
     record = {"commit": commit, "libmtl_commit": libmtl_commit, "cases": {},
               "source": "nyuv2/utils.py multi_task_mgd_trainer.cagrad/overwrite_grad; LibMTL/weighting/CAGrad.py"}  # fmt: skip
     for name, case in cases().items():

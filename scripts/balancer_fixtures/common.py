@@ -71,3 +71,16 @@ def linear_losses(grads: torch.Tensor, values: torch.Tensor, shared: torch.Tenso
             term = term + (grad * param).sum()
         out.append(term - term.detach() + values[t])
     return out
+
+
+LIBMTL: Path | None = None  # the LibMTL checkout of `scripts/balancer_fixtures.py --libmtl`
+
+
+def libmtl_checkout() -> Path:
+    """The LibMTL checkout passed with --libmtl, for codebases whose fixture also records LibMTL's
+    variant of the method (CAGrad, FairGrad, SDMGrad, MoCo, ExcessMTL)."""
+    if LIBMTL is None:
+        raise SystemExit("this codebase also runs LibMTL's variant of the method: pass --libmtl <LibMTL checkout>")
+    if not (LIBMTL / "LibMTL" / "weighting").is_dir():
+        raise SystemExit(f"--libmtl {LIBMTL}: no LibMTL/weighting/ folder (expected a median-research-group/LibMTL checkout)")
+    return LIBMTL

@@ -7,7 +7,7 @@ harness of balancer_fixtures/libmtl_gradient.py, plus the `encoder` their method
 the gradients are zeroed and `backward(losses, robust_step_size=...)` reads the task gradients of
 the shared parameter with autograd and back-propagates the weighted loss, so the shared parameter
 and every head get sum_t w_t g_t. The same is run with LibMTL's LibMTL/weighting/ExcessMTL.py
-(4336804) from LIBMTL_REPO (environment variable MTL_LIBMTL_REPO overrides it); the two packages
+(4336804) from the --libmtl checkout; the two packages
 are both named LibMTL, so each run imports its own. Variants: robust_step_size 1e-2 (their
 config.py default) and 1 (their README's Office-Home command).
 
@@ -19,7 +19,6 @@ robust_step_size}, "cases": {case: {"grads", "losses", "heads", <variant>: {"upd
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -27,10 +26,9 @@ import numpy as np
 import torch
 from fixtures.common import commit_of
 
-from balancer_fixtures.common import cases, head_grads, linear_losses, write
+from balancer_fixtures.common import cases, head_grads, libmtl_checkout, linear_losses, write
 from balancer_fixtures.libmtl import _make, _weighting
 
-LIBMTL_REPO = Path(os.environ.get("MTL_LIBMTL_REPO", "/work/scratch/bal/LibMTL"))
 VARIANTS = {"default": 1e-2, "fast": 1.0}
 
 
@@ -69,10 +67,10 @@ def _run(cls: type, step_size: float, grads: torch.Tensor, values: torch.Tensor,
 
 def build(repo: Path, out: Path) -> None:
     torch.set_default_dtype(torch.float32)
-    authors, libmtl = _package_root(repo), _package_root(LIBMTL_REPO)
+    authors, libmtl = _package_root(repo), _package_root(libmtl_checkout())
     record = {
         "commit": commit_of(repo),
-        "libmtl_commit": commit_of(LIBMTL_REPO),
+        "libmtl_commit": commit_of(libmtl_checkout()),
         "source": "uiuctml/ExcessMTL LibMTL/LibMTL/weighting/ExcessMTL.py, LibMTL/LibMTL/config.py, README.md; "
         "median-research-group/LibMTL LibMTL/weighting/ExcessMTL.py",
         "variants": VARIANTS,

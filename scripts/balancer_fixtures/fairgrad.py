@@ -2,8 +2,8 @@
 (methods/weight_methods.py) with alpha 2.0 (experiments/{nyuv2,cityscapes}/run.sh) and max_norm 1.0
 (the `--max_norm` default of experiments/utils.py), once with alpha 1.0 (the `--alpha` default) and
 once without clipping (max_norm 0, to see the x T of their `overwrite_grad` unclipped); and as
-LibMTL runs it (LibMTL/weighting/FairGrad.py `FairGrad.backward`, from /work/scratch/bal/LibMTL or
-$LIBMTL) with alpha 1.0 (its default) and 2.0.
+LibMTL runs it (LibMTL/weighting/FairGrad.py `FairGrad.backward`, from the --libmtl
+checkout) with alpha 1.0 (its default) and 2.0.
 
 Each case's losses have exactly the fixture's gradients on one shared parameter and one head per
 task (`common.linear_losses`, float32). Writes fairgrad.pt: per step and variant the shared
@@ -12,20 +12,18 @@ their Gramian."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from balancer_fixtures.common import cases, head_grads, linear_losses, write
+from balancer_fixtures.common import cases, head_grads, libmtl_checkout, linear_losses, write
 from balancer_fixtures.libmtl import _weighting
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fixtures.common import use_repository
 
-LIBMTL = Path(os.environ.get("LIBMTL", "/work/scratch/bal/LibMTL"))
 VARIANTS = {"default": {"alpha": 2.0, "max_norm": 1.0}, "alpha1": {"alpha": 1.0, "max_norm": 1.0},
             "noclip": {"alpha": 2.0, "max_norm": 0.0}}  # fmt: skip
 LIBMTL_VARIANTS = {"libmtl": {"FairGrad_alpha": 1.0}, "libmtl_alpha2": {"FairGrad_alpha": 2.0}}
@@ -85,9 +83,9 @@ def build(repo: Path, out: Path) -> None:
     commit = use_repository(repo)
     from methods.weight_methods import FairGrad
 
-    libmtl_commit = use_repository(LIBMTL)
-    sys.path.remove(str(LIBMTL.resolve()))  # only its weighting module is loaded, by file
-    libmtl = _weighting(LIBMTL, "FairGrad")
+    libmtl_commit = use_repository(libmtl_checkout())
+    sys.path.remove(str(libmtl_checkout().resolve()))  # only its weighting module is loaded, by file
+    libmtl = _weighting(libmtl_checkout(), "FairGrad")
     record = {
         "commit": commit,
         "libmtl_commit": libmtl_commit,

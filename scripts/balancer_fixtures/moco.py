@@ -14,8 +14,7 @@ sigma2 = sigma3 = 0, raw_loss) and their Cityscapes run_moco.sh with the argpars
 (beta 0.05, delta 0.1, sigma2 = sigma3 = 0.5, no normalisation).
 
 LibMTL's LibMTL/weighting/MoCo.py is driven as LibMTL's trainer drives it (balancer_fixtures/
-libmtl_gradient.py's harness), from the checkout at LIBMTL_REPO (environment variable
-MTL_LIBMTL_REPO overrides it): its config.py defaults, and rho = 0.1.
+libmtl_gradient.py's harness), from the --libmtl checkout: its config.py defaults, and rho = 0.1.
 
 Writes `<out>/moco.pt`: {"commit", "libmtl_commit", "source", "epoch_steps", "variants": {name:
 args}, "cases": {case: {"grads", "losses", "heads", <variant>: {"update", "heads", "weights", "y",
@@ -25,7 +24,6 @@ args}, "cases": {case: {"grads", "losses", "heads", <variant>: {"update", "heads
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 import types
 from pathlib import Path
@@ -34,10 +32,9 @@ import numpy as np
 import torch
 from fixtures.common import commit_of
 
-from balancer_fixtures.common import cases, head_grads, linear_losses, write
+from balancer_fixtures.common import cases, head_grads, libmtl_checkout, linear_losses, write
 from balancer_fixtures.libmtl import _make, _weighting
 
-LIBMTL_REPO = Path(os.environ.get("MTL_LIBMTL_REPO", "/work/scratch/bal/LibMTL"))
 EPOCH_STEPS = 2  # 6 steps = epochs 0, 0, 1, 1, 2, 2
 AUTHORS = {
     "nyuv2": {"beta": 0.99, "delta": 0.1, "sigma2": 0.0, "sigma3": 0.0, "smgdc_method": "raw_loss"},
@@ -113,7 +110,7 @@ def _run_authors(repo: Path, args: dict, grads: torch.Tensor, values: torch.Tens
 
 def _run_libmtl(args: dict, grads: torch.Tensor, values: torch.Tensor, heads: torch.Tensor) -> dict:
     steps, tasks, dim = grads.shape
-    model = _make(_weighting(LIBMTL_REPO, "MoCo"), tasks, dim, heads.shape[-1])
+    model = _make(_weighting(libmtl_checkout(), "MoCo"), tasks, dim, heads.shape[-1])
     rows: dict[str, list] = {"update": [], "heads": [], "weights": []}
     for s in range(steps):
         model.zero_grad(set_to_none=True)
@@ -133,11 +130,11 @@ def build(repo: Path, out: Path) -> None:
     torch.set_default_dtype(torch.float32)
     if not (repo / "CAGrad" / "utils.py").is_file():
         raise SystemExit(f"--repo {repo}: no CAGrad/utils.py (expected a heshandevaka/MoCo checkout)")
-    if not (LIBMTL_REPO / "LibMTL" / "weighting" / "MoCo.py").is_file():
-        raise SystemExit(f"MTL_LIBMTL_REPO={LIBMTL_REPO}: no LibMTL/weighting/MoCo.py (a LibMTL checkout)")
+    if not (libmtl_checkout() / "LibMTL" / "weighting" / "MoCo.py").is_file():
+        raise SystemExit(f"--libmtl {libmtl_checkout()}: no LibMTL/weighting/MoCo.py (a LibMTL checkout)")
     record = {
         "commit": commit_of(repo),
-        "libmtl_commit": commit_of(LIBMTL_REPO),
+        "libmtl_commit": commit_of(libmtl_checkout()),
         "source": "heshandevaka/MoCo CAGrad/utils.py (tracking in multi_task_rg_trainer), CAGrad/{,nyuv2/}run_moco.sh; "
         "median-research-group/LibMTL LibMTL/weighting/MoCo.py, config.py",
         "epoch_steps": EPOCH_STEPS,

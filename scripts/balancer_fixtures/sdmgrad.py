@@ -4,7 +4,7 @@ the step's batch, then two batches of a second loader), with lamda 0.3 and niter
 (experiments/{nyuv2,cityscapes}/run.sh) and max_norm 1.0 (the `--max_norm` default of
 experiments/utils.py), and once without clipping (max_norm 0); and as LibMTL runs it
 (LibMTL/weighting/SDMGrad.py `SDMGrad.backward` on the [3, T] losses of its trainer, from
-/work/scratch/bal/LibMTL or $LIBMTL; SDMGrad_lamda 0.3, SDMGrad_niter 20).
+the --libmtl checkout; SDMGrad_lamda 0.3, SDMGrad_niter 20).
 
 The losses of each batch have exactly the given gradients on one shared parameter and one head per
 task (`common.linear_losses`, float32). One SDMGrad object per case and variant, over the steps
@@ -21,20 +21,18 @@ task weights `w` after the step and their normalised matrix."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from balancer_fixtures.common import cases, head_grads, linear_losses, write
+from balancer_fixtures.common import cases, head_grads, libmtl_checkout, linear_losses, write
 from balancer_fixtures.libmtl import _weighting
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fixtures.common import use_repository
 
-LIBMTL = Path(os.environ.get("LIBMTL", "/work/scratch/bal/LibMTL"))
 VARIANTS = {
     "default": {"lamda": 0.3, "niter": 20, "max_norm": 1.0},
     "noclip": {"lamda": 0.3, "niter": 20, "max_norm": 0.0},
@@ -116,9 +114,9 @@ def build(repo: Path, out: Path) -> None:
     commit = use_repository(repo)
     from methods.weight_methods import SDMGrad
 
-    libmtl_commit = use_repository(LIBMTL)
-    sys.path.remove(str(LIBMTL.resolve()))  # only its weighting module is loaded, by file
-    libmtl = _weighting(LIBMTL, "SDMGrad")
+    libmtl_commit = use_repository(libmtl_checkout())
+    sys.path.remove(str(libmtl_checkout().resolve()))  # only its weighting module is loaded, by file
+    libmtl = _weighting(libmtl_checkout(), "SDMGrad")
     record = {
         "commit": commit,
         "libmtl_commit": libmtl_commit,
