@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,25 @@ def _mtl_train(
     return proc
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Callable[[list[str]], Path]:
+    """`straight(overrides)` -> the run directory of `mtl-train <overrides>` trained straight through,
+    run once per distinct list of overrides in this module: several tests compare their interrupted
+    and resumed runs with the same uninterrupted one (the comparison reads only its checkpoint,
+    metrics.json and metrics.csv, none of which depends on where it ran)."""
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def run(overrides: list[str]) -> Path:
+        key = tuple(overrides)
+        if key not in runs:
+            base = tmp_path_factory.mktemp("straight")
+            _mtl_train(base / "run", list(overrides), base)
+            runs[key] = base / "run"
+        return runs[key]
+
+    return run
+
+
 def _killed_run(run: Path, overrides: list[str], kill_at: int, tmp_path: Path) -> None:
     """`mtl-train` that checkpoints every `kill_at` steps and is SIGKILLed right after the checkpoint
     of step `kill_at` (under DDP every rank kills itself at that point)."""
@@ -111,29 +131,29 @@ def test_kill_and_resume_equals_training_straight(make_cfg, tmp_path, n):
     assert straight == resumed
 
 
-def test_kill_and_resume_under_ddp_equals_training_straight(tmp_path):
+def test_kill_and_resume_under_ddp_equals_training_straight(straight, tmp_path):
     # 2 gloo processes x 4 images: 2 steps per epoch, killed after step 3 (mid second epoch); every
     # rank continues its own share of the epoch, with rank 0's saved generators
-    overrides = [*RESUME, "trainer=ddp_cpu", "data.num_workers=0", "trainer.max_steps=6"]
-    _mtl_train(tmp_path / "straight", overrides, tmp_path)
+    overrides = [*RESUME, *PROCESSES[2], "trainer.max_steps=6"]
+    reference = straight(overrides)
     _killed_run(tmp_path / "resumed", overrides, 3, tmp_path)
     _mtl_train(tmp_path / "resumed", overrides, tmp_path)
-    _assert_same_end(tmp_path / "straight", tmp_path / "resumed", 6)
+    _assert_same_end(reference, tmp_path / "resumed", 6)
 
 
 @pytest.mark.parametrize("processes", [1, 2], ids=["1-process", "2-processes"])
-def test_resume_from_the_checkpoint_of_a_validation_equals_training_straight(tmp_path, processes):
+def test_resume_from_the_checkpoint_of_a_validation_equals_training_straight(straight, tmp_path, processes):
     # killed in a later epoch with no periodic checkpoint: last.ckpt is the one ModelCheckpoint
     # wrote at the last validation (the end of an epoch), the usual state after a crash or preemption
     overrides = [*RESUME, *PROCESSES[processes], "trainer.max_steps=8"]
-    _mtl_train(tmp_path / "straight", overrides, tmp_path)
+    reference = straight(overrides)
     resumed = tmp_path / "resumed"
     kill = "+callbacks.kill={_target_: preempt.KillAtStep, step: 7}"
     _mtl_train(resumed, overrides, tmp_path, kill, returncode=-signal.SIGKILL)
     steps_per_epoch = 4 // processes
     assert _last(resumed)["global_step"] == 7 // steps_per_epoch * steps_per_epoch
     _mtl_train(resumed, overrides, tmp_path)
-    _assert_same_end(tmp_path / "straight", resumed, 8)
+    _assert_same_end(reference, resumed, 8)
 
 
 def test_resume_from_a_mid_epoch_validation_equals_training_straight(make_cfg, tmp_path):
@@ -200,9 +220,9 @@ def test_a_finished_run_continues_with_a_larger_max_epochs(make_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("processes", [1, 2], ids=["1-process", "2-processes"])
-def test_ctrl_c_writes_last_ckpt_prints_the_resume_command_and_resumes_exactly(tmp_path, processes):
+def test_ctrl_c_writes_last_ckpt_prints_the_resume_command_and_resumes_exactly(straight, tmp_path, processes):
     overrides = [*RESUME, *PROCESSES[processes], "trainer.max_steps=8"]
-    _mtl_train(tmp_path / "straight", overrides, tmp_path)
+    reference = straight(overrides)
     run = tmp_path / "interrupted"
     slow, extra_env = _slow(tmp_path)
     code, output = _signal_when_running(_command(run, overrides, tmp_path, slow), _env(**extra_env), signal.SIGINT,
@@ -215,17 +235,17 @@ def test_ctrl_c_writes_last_ckpt_prints_the_resume_command_and_resumes_exactly(t
     command = output.split("resume with:")[1].strip().splitlines()[0]
     assert command.startswith("mtl-train ") and f"hydra.run.dir={run}" in command and "preempt.SlowSteps" in command
     _mtl_train(run, overrides, tmp_path, slow.replace("0.5", "0"))
-    _assert_same_end(tmp_path / "straight", run, 8)
+    _assert_same_end(reference, run, 8)
 
 
-def test_sigterm_to_one_ddp_process_stops_both_and_resumes_exactly(tmp_path):
-    overrides = [*RESUME, "trainer=ddp_cpu", "data.num_workers=0", "trainer.max_steps=6"]
-    _mtl_train(tmp_path / "straight", overrides, tmp_path)
+def test_sigterm_to_one_ddp_process_stops_both_and_resumes_exactly(straight, tmp_path):
+    overrides = [*RESUME, *PROCESSES[2], "trainer.max_steps=6"]
+    reference = straight(overrides)
     term = "+callbacks.term={_target_: preempt.SignalAtStep, step: 2, signal: SIGTERM, rank: 0}"
     _mtl_train(tmp_path / "resumed", overrides, tmp_path, term, returncode=128 + signal.SIGTERM)
     assert _last(tmp_path / "resumed")["global_step"] == 3
     _mtl_train(tmp_path / "resumed", overrides, tmp_path)
-    _assert_same_end(tmp_path / "straight", tmp_path / "resumed", 6)
+    _assert_same_end(reference, tmp_path / "resumed", 6)
 
 
 FAKE_SCONTROL = """#!/bin/sh
@@ -234,11 +254,11 @@ echo "$@" >> "$SCONTROL_LOG"
 
 
 @pytest.mark.parametrize("processes", [1, 2], ids=["1-process", "2-processes"])
-def test_sigusr1_in_a_slurm_job_writes_the_hpc_checkpoint_requeues_and_the_requeued_job_resumes(tmp_path, processes):
+def test_sigusr1_in_a_slurm_job_writes_the_hpc_checkpoint_requeues_and_the_requeued_job_resumes(straight, tmp_path, processes):
     """End to end: a Slurm-like environment, a stand-in `scontrol` on PATH, a real SIGUSR1 sent to
     the running `mtl-train`, then the same command again (the requeued job) in its own directory."""
     overrides = [*RESUME, *PROCESSES[processes], "trainer.max_steps=8"]
-    _mtl_train(tmp_path / "straight", overrides, tmp_path)
+    reference = straight(overrides)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(FAKE_SCONTROL)
@@ -255,7 +275,7 @@ def test_sigusr1_in_a_slurm_job_writes_the_hpc_checkpoint_requeues_and_the_reque
     assert not (run / "metrics.json").exists()
     requeued = _mtl_train(None, overrides, tmp_path, slow.replace("0.5", "0"), env=env)
     assert f"resuming from {run / 'hpc_ckpt_1.ckpt'}" in requeued.stdout + requeued.stderr
-    _assert_same_end(tmp_path / "straight", run, 8)
+    _assert_same_end(reference, run, 8)
 
 
 SAVE_TWICE = """
