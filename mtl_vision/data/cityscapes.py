@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from mtl_vision.data.io import check_size, sample_index
+from mtl_vision.data.io import check_size, count_present, sample_index
 from mtl_vision.data.nyud import _image_npy, class_labels_npy, numbered_npy_ids, positive_npy
 
 SUPPORTED_TASKS = ("semseg", "depth")
@@ -167,13 +167,7 @@ class Cityscapes(Dataset):
     def check(self) -> dict[str, int]:
         """Read and validate every sample of the split (raising the first error found); returns
         {"samples": readable samples, <task>: samples with that task's file}, as every dataset's check()."""
-        counts = dict.fromkeys(["samples", *self.tasks], 0)
-        for index in range(len(self)):
-            sample = self._load(index)
-            counts["samples"] += 1
-            for task in self.tasks:
-                counts[task] += task in sample
-        return counts
+        return count_present(self._load, len(self), self.tasks)
 
     def __repr__(self) -> str:
         return (f"Cityscapes(root={str(self.root)!r}, split={self.split!r}, layout={self.layout!r}, "

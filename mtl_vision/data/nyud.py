@@ -33,7 +33,16 @@ import torch
 from torch.utils.data import Dataset
 
 from mtl_vision.constants import IGNORE_INDEX
-from mtl_vision.data.io import DataFileError, check_size, read_ids, read_npy, read_pil, read_rgb, sample_index
+from mtl_vision.data.io import (
+    DataFileError,
+    check_size,
+    count_present,
+    read_ids,
+    read_npy,
+    read_pil,
+    read_rgb,
+    sample_index,
+)
 
 SUPPORTED_TASKS = ("semseg", "depth", "normals", "edge")
 LAYOUTS = ("nyud_mt", "nyudv2", "mtan")
@@ -346,13 +355,7 @@ class NYUDv2(Dataset):
         """Read and validate every sample of the split (raising the first error found);
         returns {"samples": readable samples, <task>: samples with that task's file}, the same
         keys as every dataset's check() so `mtl-data check` prints one table."""
-        counts = dict.fromkeys(["samples", *self.tasks], 0)
-        for index in range(len(self)):
-            sample = self._load(index)
-            counts["samples"] += 1
-            for task in self.tasks:
-                counts[task] += task in sample
-        return counts
+        return count_present(self._load, len(self), self.tasks)
 
     def __repr__(self) -> str:
         return f"NYUDv2(root={str(self.root)!r}, split={self.split!r}, layout={self.layout!r}, tasks={self.tasks}, n={len(self)})"
