@@ -22,12 +22,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from fixtures.common import commit_of
 
-from balancer_fixtures.common import cases, head_grads, libmtl_checkout, linear_losses, write
-from balancer_fixtures.libmtl import _make, _weighting
+from balancer_fixtures.common import cases, head_grads, libmtl_checkout, write
+from balancer_fixtures.libmtl import _make, _weighting, harness_steps
 
 VARIANTS = {"default": 1e-2, "fast": 1.0}
 
@@ -47,19 +46,10 @@ def _excess_mtl(root: Path) -> type:
 
 
 def _run(cls: type, step_size: float, grads: torch.Tensor, values: torch.Tensor, heads: torch.Tensor) -> dict:
-    steps, tasks, dim = grads.shape
+    _, tasks, dim = grads.shape
     model = _make(cls, tasks, dim, heads.shape[-1])
     model.encoder = torch.nn.ParameterList([model.x])  # what their backward zeroes before its own
-    rows: dict[str, list] = {"update": [], "heads": [], "weights": []}
-    for s in range(steps):
-        model.zero_grad(set_to_none=True)
-        losses = torch.stack(
-            linear_losses(grads[s], values[s], model.x, [(model.h[k], heads[s, k]) for k in range(tasks)])
-        )
-        w = model.backward(losses, robust_step_size=step_size)
-        rows["update"].append(model.x.grad.detach().clone())
-        rows["heads"].append(torch.stack([p.grad.detach().clone() for p in model.h]))
-        rows["weights"].append(torch.as_tensor(np.asarray(w, dtype=np.float32)))
+    rows = harness_steps(model, grads, values, heads, {"robust_step_size": step_size})
     out = {k: torch.stack(v) for k, v in rows.items()}
     out["grad_sum"], out["initial_w"] = model.grad_sum.detach().clone(), model.initial_w.detach().clone()
     return out

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from balancer_fixtures.common import STEPS, cases, write
+from balancer_fixtures.common import STEPS, cases, linear_losses, write
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fixtures.common import use_repository
@@ -67,6 +67,28 @@ def _make(cls: type, tasks: int, dim: int, head_dim: int = 0) -> torch.nn.Module
             self.x.grad = None if self.x.grad is None else torch.zeros_like(self.x)
 
     return Harness()
+
+
+def harness_steps(
+    model: torch.nn.Module, grads: torch.Tensor, values: torch.Tensor, heads: torch.Tensor, weight_args: dict,
+    *, weights_dtype: type = np.float32, after_step=None,
+) -> dict[str, list]:
+    """The steps of LibMTL's trainer on a `_make(..., head_dim)` harness: per step the gradients are
+    zeroed, `backward(losses, **weight_args)` runs on losses with exactly the case's values and
+    gradients (shared x, head h[t]), and the shared update, the heads' gradients and the returned
+    weights are recorded; `after_step()` (the optimiser's step, say) runs after each record."""
+    rows: dict[str, list] = {"update": [], "heads": [], "weights": []}
+    tasks = grads.shape[1]
+    for s in range(grads.shape[0]):
+        model.zero_grad(set_to_none=True)
+        pairs = [(model.h[k], heads[s, k]) for k in range(tasks)]
+        w = model.backward(torch.stack(linear_losses(grads[s], values[s], model.x, pairs)), **weight_args)
+        rows["update"].append(model.x.grad.detach().clone())
+        rows["heads"].append(torch.stack([p.grad.detach().clone() for p in model.h]))
+        rows["weights"].append(torch.as_tensor(np.asarray(w, dtype=weights_dtype)))
+        if after_step is not None:
+            after_step(rows)
+    return rows
 
 
 def _losses(x: torch.Tensor, grads: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from fixtures.common import use_repository
 
-from balancer_fixtures.common import cases, head_grads, linear_losses, write
-from balancer_fixtures.libmtl import LR, _make, _weighting
+from balancer_fixtures.common import cases, head_grads, write
+from balancer_fixtures.libmtl import LR, _make, _weighting, harness_steps
 
 METHODS = {
     "DB_MTL": {"DB_beta": 0.9, "DB_beta_sigma": 0.0},  # LibMTL/config.py defaults
@@ -34,23 +34,18 @@ METHODS = {
 
 def _run(repo: Path, method: str, case: dict, heads: torch.Tensor) -> dict:
     grads, values = case["grads"].float(), case["losses"].float()
-    steps, tasks, dim = grads.shape
+    _, tasks, dim = grads.shape
     name = method.split("_decay")[0]
     model = _make(_weighting(repo, name), tasks, dim, heads.shape[-1])
     own = [p for n, p in model.named_parameters() if n != "x" and not n.startswith("h.")]
     optimiser = torch.optim.SGD(own, lr=LR) if own else None
-    rows: dict[str, list] = {"update": [], "heads": [], "weights": [], "own_grad": [], "own": []}
-    for s in range(steps):
-        model.zero_grad(set_to_none=True)
-        losses = torch.stack(linear_losses(grads[s], values[s], model.x, [(model.h[k], heads[s, k]) for k in range(tasks)]))
-        w = model.backward(losses, **METHODS[method])
-        rows["update"].append(model.x.grad.detach().clone())
-        rows["heads"].append(torch.stack([p.grad.detach().clone() for p in model.h]))
-        rows["weights"].append(torch.as_tensor(np.asarray(w, dtype=np.float64)))
-        rows["own_grad"].append(torch.cat([p.grad.detach().flatten() for p in own]) if own else torch.zeros(0))
+    def after_step(rows: dict[str, list]) -> None:
+        rows.setdefault("own_grad", []).append(torch.cat([p.grad.detach().flatten() for p in own]) if own else torch.zeros(0))
         if optimiser is not None:
             optimiser.step()
-        rows["own"].append(torch.cat([p.detach().flatten() for p in own]) if own else torch.zeros(0))
+        rows.setdefault("own", []).append(torch.cat([p.detach().flatten() for p in own]) if own else torch.zeros(0))
+
+    rows = harness_steps(model, grads, values, heads, METHODS[method], weights_dtype=np.float64, after_step=after_step)
     return {k: torch.stack(v) for k, v in rows.items()}
 
 

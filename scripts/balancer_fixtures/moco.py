@@ -28,12 +28,11 @@ import sys
 import types
 from pathlib import Path
 
-import numpy as np
 import torch
 from fixtures.common import commit_of
 
 from balancer_fixtures.common import cases, head_grads, libmtl_checkout, linear_losses, write
-from balancer_fixtures.libmtl import _make, _weighting
+from balancer_fixtures.libmtl import _make, _weighting, harness_steps
 
 EPOCH_STEPS = 2  # 6 steps = epochs 0, 0, 1, 1, 2, 2
 AUTHORS = {
@@ -109,18 +108,9 @@ def _run_authors(repo: Path, args: dict, grads: torch.Tensor, values: torch.Tens
 
 
 def _run_libmtl(args: dict, grads: torch.Tensor, values: torch.Tensor, heads: torch.Tensor) -> dict:
-    steps, tasks, dim = grads.shape
+    _, tasks, dim = grads.shape
     model = _make(_weighting(libmtl_checkout(), "MoCo"), tasks, dim, heads.shape[-1])
-    rows: dict[str, list] = {"update": [], "heads": [], "weights": []}
-    for s in range(steps):
-        model.zero_grad(set_to_none=True)
-        losses = torch.stack(
-            linear_losses(grads[s], values[s], model.x, [(model.h[k], heads[s, k]) for k in range(tasks)])
-        )
-        w = model.backward(losses, **args)
-        rows["update"].append(model.x.grad.detach().clone())
-        rows["heads"].append(torch.stack([p.grad.detach().clone() for p in model.h]))
-        rows["weights"].append(torch.as_tensor(np.asarray(w, dtype=np.float32)))
+    rows = harness_steps(model, grads, values, heads, args)
     out = {k: torch.stack(v) for k, v in rows.items()}
     out["y"], out["lambd"] = model.y.detach().clone(), model.lambd.detach().clone()
     return out
