@@ -200,7 +200,8 @@ class TaskGradientStep:
                     for g, f in zip(grads[: len(detached)], detached, strict=True)
                 ]))  # fmt: skip
         jacobian = torch.stack(rows)  # (T, local feature entries), float32
-        self.acc.losses = _add(self.acc.losses, self._loss_vector(losses) / divide)
+        if self.balancer.needs_losses:  # the step's losses: for the balancer's own parameters (IMTL-L)
+            self.acc.losses = _add(self.acc.losses, self._loss_vector(losses) / divide)
         with torch.autocast(jacobian.device.type, enabled=False):
             if batch_sum:
                 # the global batch's per-sample gradients are the processes' divided by R, so its
