@@ -29,6 +29,7 @@ from torchmetrics import Metric
 from mtl_vision.balancing import Balancer
 from mtl_vision.constants import ORIGINAL_SIZE_KEY
 from mtl_vision.data.sampling import SKIPPED_KEY
+from mtl_vision.engine.callbacks import logs_this_step
 from mtl_vision.engine.checkpoint import RNG_KEY, restore_rng_states, rng_states
 from mtl_vision.engine.guard import NonFiniteGuard, non_finite_keys
 from mtl_vision.engine.task_gradients import TaskGradientStep
@@ -79,7 +80,8 @@ class MultiTaskModule(L.LightningModule):
         expert_aux_weight: weight of the auxiliary losses of mixture-of-experts layers (load
             balancing, mutual information) added to the total training loss.
         expert_stats_every: log the experts' health statistics (usage, dead share, gate entropy)
-            every this many training steps, as `experts/<module>/<key>`.
+            every this many training steps (on the first step after that the loggers write), as
+            `experts/<module>/<key>`.
         gradient_clip_val, gradient_clip_algorithm, accumulate_grad_batches: the Trainer's
             settings of the same names, applied here when the balancer needs task gradients
             (Lightning does not apply them under manual optimisation).
@@ -134,6 +136,7 @@ class MultiTaskModule(L.LightningModule):
         self.expert_aux_weight = float(expert_aux_weight)
         self.expert_stats_every = int(expert_stats_every)
         self._expert_modules: list[tuple[str, nn.Module]] | None = None
+        self._expert_stats_due: int | None = None  # optimiser steps after which the statistics are logged next
         self.last_val_metrics: dict[str, float] = {}
         self.last_val_step: int | None = None  # global step whose weights last_val_metrics describe
         balancer.bind(model)
@@ -178,15 +181,18 @@ class MultiTaskModule(L.LightningModule):
                 total = total + self.expert_aux_weight * expert_loss
             if self.balancer.needs_losses_after_step:
                 self._last_batch = batch
-        if expert_loss is not None:
-            self.log("train/experts/aux_loss", expert_loss.detach(), batch_size=batch_size)
-        if self.expert_stats_every > 0 and self.global_step % self.expert_stats_every == 0:
-            self._log_expert_stats()
         self._last_losses = {t: v.detach() for t, v in losses.items()}
         if SKIPPED_KEY in batch:
             self.skipped_samples += int(batch[SKIPPED_KEY].sum())
-            self.log("train/skipped_samples", float(self.skipped_samples), reduce_fx="max", batch_size=batch_size)
+        # the progress bar shows the loss of every step; the rest only on the steps the loggers write
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
+        if not logs_this_step(self._trainer):
+            return total if self.automatic_optimization else None
+        if expert_loss is not None:
+            self.log("train/experts/aux_loss", expert_loss.detach(), batch_size=batch_size)
+        self._maybe_log_expert_stats()
+        if SKIPPED_KEY in batch:
+            self.log("train/skipped_samples", float(self.skipped_samples), reduce_fx="max", batch_size=batch_size)
         for task in self.tasks:
             self.log(f"train/{task}/loss", losses[task].detach(), batch_size=batch_size)
             if task in self.balancer.last_weights:
@@ -245,8 +251,9 @@ class MultiTaskModule(L.LightningModule):
     def _apply_task_gradients(self, scale: float) -> None:
         optimizer = self.optimizers()
         finite, _, stats = self._task_step.write_gradients(scale=scale)
-        for key, value in stats.items():
-            self.log(f"train/{key}", value)
+        if logs_this_step(self._trainer):
+            for key, value in stats.items():
+                self.log(f"train/{key}", value)
         if finite and self.gradient_clip_val:
             params = [p for p in self.parameters() if p.grad is not None]
             if self.gradient_clip_algorithm == "norm":
@@ -275,7 +282,8 @@ class MultiTaskModule(L.LightningModule):
         self._after_guard()
 
     def _after_guard(self) -> None:
-        self.log("train/skipped_steps", float(self.guard.skipped), reduce_fx="max")
+        if logs_this_step(self._trainer):
+            self.log("train/skipped_steps", float(self.guard.skipped), reduce_fx="max")
         if self.guard.exhausted:
             losses = {t: float(v) for t, v in self._last_losses.items()}
             lrs = [g["lr"] for opt in self.trainer.optimizers for g in opt.param_groups]
@@ -301,6 +309,19 @@ class MultiTaskModule(L.LightningModule):
         parts = [m.pop_aux_loss() for _, m in self._experts() if hasattr(m, "pop_aux_loss")]
         parts = [p for p in parts if p is not None]
         return sum(parts) if parts else None
+
+    def _maybe_log_expert_stats(self) -> None:
+        """On a step the loggers write, once `expert_stats_every` optimiser steps have passed since
+        the statistics were last logged (the first time: since the previous multiple of it)."""
+        every = self.expert_stats_every
+        if every <= 0 or not self._experts():
+            return
+        done = self.global_step + 1  # optimiser steps completed once this one is
+        if self._expert_stats_due is None:
+            self._expert_stats_due = (self.global_step // every + 1) * every
+        if done >= self._expert_stats_due:
+            self._log_expert_stats()
+            self._expert_stats_due = done + every
 
     def _log_expert_stats(self) -> None:
         for name, module in self._experts():
@@ -380,6 +401,13 @@ class MultiTaskModule(L.LightningModule):
             self._rng_to_restore = None
 
     def configure_optimizers(self) -> Any:
+        return self.build_optimizers(
+            int(self.trainer.estimated_stepping_batches), self.trainer.max_epochs, self.trainer.max_steps
+        )
+
+    def build_optimizers(self, total_steps: int, max_epochs: int | None, max_steps: int) -> Any:
+        """The optimiser (and step-wise scheduler, as Lightning's dict) for a run of `total_steps`
+        optimiser steps, `max_epochs` epochs or `max_steps` steps (-1: not set), as the Trainer's are."""
         params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         if self.no_weight_decay_1d:
             groups = [
@@ -392,10 +420,10 @@ class MultiTaskModule(L.LightningModule):
         optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return optimizer
-        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
-        epochs = self.trainer.max_epochs
+        total_steps = max(int(total_steps), 1)
+        epochs = max_epochs
         # optimiser steps per epoch, for schedules that change the rate once per epoch
-        per_epoch = math.ceil(total_steps / epochs) if epochs and epochs > 0 and self.trainer.max_steps < 0 else None
+        per_epoch = math.ceil(total_steps / epochs) if epochs and epochs > 0 and max_steps < 0 else None
         scheduler = self.scheduler_factory(optimizer, total_steps=total_steps, steps_per_epoch=per_epoch)
         return {
             "optimizer": optimizer,

@@ -1,0 +1,61 @@
+"""`mtl-bench`: each subcommand runs on its tiniest setting and prints / writes the table it promises (no test
+asserts a time)."""
+
+from __future__ import annotations
+
+
+STEP_TINY = ["backbone=test_resnet", "decoder.channels=16", "data.batch_size=2", "data.num_workers=0",
+             "data.dataset.height=32", "data.dataset.width=32", "data.dataset.num_samples={train:8,val:2}",
+             "data.tasks=[semseg,depth]"]
+
+
+def _bench_step(tmp_path, name: str, *extra: str) -> dict:
+    import json
+
+    from mtl_vision.bench.cli import main
+
+    out = tmp_path / f"{name}.json"
+    main(["step", *STEP_TINY, *extra, "--steps", "3", "--warmup", "1", "--block", "2", "--batches", "2",
+          "--threads", "1", "--json", str(out)])
+    return json.loads(out.read_text())
+
+
+def test_bench_step_weighting(tmp_path, capsys):
+    """`mtl-bench step` on a loss weighting: both loops time every step they were asked for, the plain
+    loop is the ratio's unit, and each phase of a real step took time in both."""
+    from mtl_vision.bench.step import PHASES
+
+    result = _bench_step(tmp_path, "ew", "trainer.log_every_n_steps=2")
+    printed = capsys.readouterr().out
+    trainer, plain = result["rows"]
+    assert (trainer["loop"], plain["loop"]) == ("trainer", "plain")
+    assert trainer["steps"] == plain["steps"] == 3 and plain["ratio"] == 1.0
+    assert trainer["ratio"] == trainer["median_s"] / plain["median_s"]
+    for row in (trainer, plain):
+        assert row["median_s"] > 0 and row["images_per_s"] == 2 / row["median_s"]
+        assert {f"{p}_ms" for p in PHASES} <= set(row)
+        assert row["forward_ms"] > 0 and row["backward_ms"] > 0 and row["optimizer_ms"] > 0
+    # only the Trainer logs; the plain loop's data come straight from memory
+    assert trainer["logging_ms"] > 0 and plain["logging_ms"] == 0 and plain["data_ms"] == 0
+    assert result["settings"]["batch_size"] == 2 and result["settings"]["log_every_n_steps"] == 2
+    assert "framework overhead: Trainer / plain =" in printed
+
+
+def test_bench_step_gradient_balancer(tmp_path):
+    """A gradient balancer (manual optimisation): the aggregation is timed as the balancer in both
+    loops, and the plain loop drives the module's own task-gradient step."""
+    result = _bench_step(tmp_path, "pcgrad", "balancer=pcgrad")
+    assert result["settings"]["balancer"] == "GradientBalancer"
+    for row in result["rows"]:
+        assert row["steps"] == 3 and row["balancer_ms"] > 0 and row["backward_ms"] > 0
+
+
+def test_bench_step_refuses_what_it_cannot_compare():
+    import pytest
+
+    from mtl_vision.bench.cli import main
+
+    with pytest.raises(SystemExit, match="--clock thread: needs --device cpu and --threads 1"):
+        main(["step", *STEP_TINY, "--clock", "thread", "--threads", "2"])
+    with pytest.raises(SystemExit, match=r"trainer.precision='bf16-true', expected one of"):
+        main(["step", *STEP_TINY, "trainer.precision=bf16-true"])
