@@ -477,6 +477,7 @@ def run(args: argparse.Namespace) -> Result:
         "block": args.block,
         "threads": torch.get_num_threads(),
         "clock": args.clock,
+        "step_times_s": {"trainer": trainer_steps, "plain": plain_steps},
     }
     ratio = rows[0]["ratio"]
     notes = [
