@@ -4,6 +4,28 @@ asserts a time)."""
 from __future__ import annotations
 
 
+def test_bench_moe_table(tmp_path, capsys):
+    """`mtl-bench moe` at its tiniest: a row per expert count (ratio to the fewest) and a step row per
+    backbone setting (dense, stacked MoE, per-task MoE; ratio to dense)."""
+    import json
+
+    from mtl_vision.bench.cli import main
+
+    out = tmp_path / "moe.json"
+    main(["moe", "--experts", "4", "2", "--tokens", "32", "--dim", "8", "--hidden", "16", "--backbone", "test_vit",
+          "--size", "32x32", "--batch", "1", "--tasks", "semseg", "depth", "--moe-layers", "1", "--warmup", "0",
+          "--steps", "1", "--threads", "1", "--json", str(out)])
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert all(set(r) == {"rows", "setting", "ms", "ratio", "dropped_share"} for r in rows)
+    assert [r["rows"] for r in rows] == ["layer", "layer", "step", "step", "step"]
+    assert [r["setting"] for r in rows[:2]] == ["4 experts top-2", "2 experts top-2"]
+    assert [r["setting"].split(", ")[-1] for r in rows[2:]] == ["dense", "moe [1] stacked", "moe [1] per_task"]
+    assert rows[1]["ratio"] == 1.0 and rows[2]["ratio"] == 1.0 and all(r["ms"] > 0 for r in rows)
+    assert result["settings"]["backbone"] == "test_vit" and "| step  | test_vit + heads, dense" in printed
+
+
 STEP_TINY = ["backbone=test_resnet", "decoder.channels=16", "data.batch_size=2", "data.num_workers=0",
              "data.dataset.height=32", "data.dataset.width=32", "data.dataset.num_samples={train:8,val:2}",
              "data.tasks=[semseg,depth]"]

@@ -245,3 +245,100 @@ def test_bf16_autocast_and_empty_input():
     assert torch.isfinite(x.grad).all() and torch.isfinite(moe.w1.grad).all()
     empty = moe(torch.zeros(0, 8), "a")
     assert empty.shape == (0, 8)
+
+
+@pytest.mark.parametrize("dispatch", ["fixed", "grouped"])
+@pytest.mark.parametrize("capacity_factor", [None, 0.5, 1.25])
+def test_both_dispatches_match_the_dense_reference_with_gradients(dispatch, capacity_factor):
+    if dispatch == "fixed" and capacity_factor is None:
+        with pytest.raises(ValueError, match="capacity_factor"):
+            TaskMoE(8, 16, num_experts=4, top_k=2, tasks=["a"], capacity_factor=None, dispatch="fixed")
+        return
+    torch.manual_seed(6)
+    moe = TaskMoE(12, 20, num_experts=6, top_k=2, tasks=["a"], capacity_factor=capacity_factor, dispatch=dispatch)
+    x = torch.randn(3, 11, 12)
+    weight = torch.randn(3, 11, 12)
+    grads = []
+    for fn in (lambda x: moe(x, "a"), lambda x: _dense_reference(moe, x, "a")):
+        moe.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_(True)
+        out = fn(xx)
+        (out * weight).sum().backward()
+        grads.append([out.detach(), xx.grad, *(p.grad for p in (moe.w1, moe.b1, moe.w2, moe.b2))])
+    moe.pop_aux_loss()
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dispatch", ["fixed", "grouped"])
+@pytest.mark.parametrize("capacity_factor", [None, 0.4, 1.25])
+def test_stacked_tasks_equal_one_call_per_task(dispatch, capacity_factor):
+    """`moe(x, tasks)` on the tasks' chunks stacked along the first dimension is one call per task:
+    outputs, gradients, one balancing loss per task, the MI loss and the statistics."""
+    if dispatch == "fixed" and capacity_factor is None:
+        dispatch = "auto"
+    tasks = ["a", "b", "c"]
+    torch.manual_seed(7)
+    moe = TaskMoE(16, 24, 4, 2, tasks, capacity_factor=capacity_factor, mi_loss_weight=0.5, dispatch=dispatch)
+    x = torch.randn(3 * 2, 7, 16)
+    weight = torch.randn_like(x)
+    results = []
+    for stacked in (True, False):
+        moe.zero_grad(set_to_none=True)
+        moe.reset_expert_stats()
+        xx = x.clone().requires_grad_(True)
+        out = moe(xx, tasks) if stacked else torch.cat([moe(c, t) for c, t in zip(xx.chunk(3), tasks)])
+        balance = torch.stack(moe._pending_losses).detach()
+        aux = moe.pop_aux_loss()
+        ((out * weight).sum() + aux).backward()
+        results.append((out.detach(), xx.grad, *(p.grad for p in moe.parameters()), balance, aux.detach()))
+        results[-1] += (moe.expert_stats(),)
+    got, want = results
+    assert got[-2].shape == () and got[-3].shape == (3,)
+    for a, b in zip(got[:-1], want[:-1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert got[-1].keys() == want[-1].keys()
+    for key in want[-1]:
+        assert got[-1][key] == pytest.approx(want[-1][key], abs=1e-9), key
+    with pytest.raises(ValueError, match="equal chunks"):
+        moe(torch.randn(4, 16), tasks)
+
+
+def test_forward_never_reads_tensor_values_on_the_host(monkeypatch):
+    """No `.item()`, `.tolist()`, `nonzero()`, `bool(tensor)`, `int(tensor)` or `torch.bincount` in a
+    forward + backward (on CUDA each would wait for the device)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host read of a tensor value")
+
+    moes = [
+        TaskMoE(8, 16, 4, 2, ["a", "b"], capacity_factor=cf, mi_loss_weight=0.1, router_noise=0.1, dispatch=d)
+        for cf, d in ((1.25, "fixed"), (1.25, "grouped"), (None, "grouped"))
+    ]
+    x = torch.randn(4, 5, 8, requires_grad=True)
+    for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    for name in ("nonzero", "bincount", "unique", "argwhere", "masked_select"):
+        monkeypatch.setattr(torch, name, refuse)
+    for moe in moes:
+        out = moe(x, ("a", "b")) + moe(x, "a")
+        (out.square().sum() + moe.pop_aux_loss()).backward()
+    monkeypatch.undo()
+    assert all(moe.expert_stats()["dead_share/a"] >= 0 for moe in moes)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dispatch", ["fixed", "grouped"])
+def test_no_device_sync_on_cuda(dispatch):
+    moe = TaskMoE(64, 128, 8, 2, ["a", "b"], capacity_factor=1.25, mi_loss_weight=0.1, dispatch=dispatch).cuda()
+    x = torch.randn(4, 33, 64, device="cuda", requires_grad=True)
+    moe(x, ("a", "b"))  # warm-up outside the check (lazy CUDA initialisation)
+    moe.pop_aux_loss()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dispatch == "grouped"):
+            out = moe(x, ("a", "b"))
+        (out.float().square().sum() + moe.pop_aux_loss()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -138,3 +138,125 @@ def test_short_training_run_writes_metrics(make_cfg, tmp_path, overrides):
     train(cfg)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert any(k.startswith("val/semseg/") for k in metrics)
+
+
+def _per_task_reference(model, image):
+    """Today's computation, written out: one full backbone pass per task, the whole decoder run on each
+    task's features and that task's output kept."""
+    from mtl_vision.models.decoders.common import resize_to
+
+    backbone = model.backbone
+    x = (image - backbone.mean) / backbone.std
+    out = {}
+    for task in backbone.tasks:
+        with task_scope(task):
+            maps = backbone._features(x)
+        out[task] = resize_to(model.decoder(maps)[task], image.shape[-2:])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("dispatch", "capacity", "head"),
+    [("grouped", "1.25", "fuse"), ("fixed", "1.25", "fuse"), ("fixed", "0.5", "hrnet"), ("grouped", "null", "fuse")],
+)
+def test_one_stacked_backbone_pass_equals_per_task_passes(make_cfg, dispatch, capacity, head):
+    """The stacked pass (blocks before the first MoE block once, then all tasks stacked in the batch, one
+    dispatch per MoE layer) and a decoder computing only the asked task give the outputs, gradients,
+    per-task balancing losses and expert statistics of one full pass per task."""
+    _, module, batch = _build(
+        make_cfg,
+        [
+            "backbone=test_vit",
+            "backbone.moe_layers=[1,3]",
+            "backbone.moe.num_experts=4",
+            f"backbone.moe.capacity_factor={capacity}",
+            "decoder=heads",
+            f"decoder.head={head}",
+        ],
+    )
+    model = module.model.train()
+    layers = [m for m in model.modules() if isinstance(m, TaskMoEMlp)]
+    torch.manual_seed(1)
+    for layer in layers:  # distinct experts, so that routing (and capacity drops) matter
+        layer.moe.reset_expert_parameters()
+        layer.moe.dispatch = dispatch
+    image = batch["image"]
+    with torch.no_grad():
+        weights = {t: torch.randn_like(p) for t, p in model(image).items()}
+    calls = []
+    first_block = transformer_blocks(model.backbone.model)[0]
+    hook = first_block.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+
+    def run(compute):
+        model.zero_grad(set_to_none=True)
+        for layer in layers:
+            layer.reset_expert_stats()
+        preds = compute()
+        balance = [torch.stack(layer.moe._pending_losses).detach() for layer in layers]
+        aux = sum(layer.pop_aux_loss() for layer in layers)
+        (sum((preds[t] * weights[t]).mean() for t in weights) + aux).backward()  # a loss of the usual scale
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return preds, grads, balance, [layer.expert_stats() for layer in layers]
+
+    got = run(lambda: model(image))
+    assert calls == [image.shape[0]]  # the dense blocks before the first MoE block ran once, on the batch
+    want = run(lambda: _per_task_reference(model, image))
+    hook.remove()
+    for task in module.tasks:
+        torch.testing.assert_close(got[0][task], want[0][task], rtol=1e-5, atol=1e-5)
+    assert got[1].keys() == want[1].keys()
+    for name in want[1]:
+        torch.testing.assert_close(got[1][name], want[1][name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    for a, b in zip(got[2], want[2], strict=True):  # one balancing loss per (layer, task), same values
+        assert a.shape == (len(module.tasks),)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got[3], want[3], strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    if capacity == "0.5":
+        assert any(s["dropped_share"] > 0 for s in got[3])  # the capacity limit did drop assignments
+
+
+def test_per_task_passes_stay_reachable_and_moe_decoder_computes_one_task(make_cfg):
+    _, module, batch = _build(make_cfg, ["backbone=test_vit", "backbone.moe_layers=[2]", "decoder=moe",
+                                         "decoder.num_experts=4", "backbone.moe.num_experts=4"])
+    model = module.model.eval()
+    backbone = model.backbone
+    x = (batch["image"] - backbone.mean) / backbone.std
+    with torch.no_grad():
+        stacked = backbone(x)
+        backbone.task_passes = "per_task"
+        per_task = backbone(x)
+        for task in module.tasks:
+            for a, b in zip(stacked[task], per_task[task], strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            full = model.decoder(per_task[task])
+            torch.testing.assert_close(model.decoder.forward_task(per_task[task], task)[task], full[task])
+    with pytest.raises(ValueError, match="task_passes"):
+        Backbone(name="test_vit", task_passes="twice")
+
+
+def test_moe_decoder_stacked_tasks_equal_one_task_at_a_time():
+    """The decoder's blocks on all tasks' maps stacked (one dispatch per layer) give each task's output,
+    gradients and balancing losses of decoding that task alone."""
+    torch.manual_seed(3)
+    decoder = MoEDecoder(in_channels=[8, 16], strides=[4, 8], task_channels={"a": 3, "b": 1, "c": 2},
+                         channels=16, num_experts=4, capacity_factor=0.5, mi_loss_weight=0.2).train()
+    features = [torch.randn(2, 8, 12, 16), torch.randn(2, 16, 6, 8)]
+    weights = {t: torch.randn(2, c, 12, 16) for t, c in {"a": 3, "b": 1, "c": 2}.items()}
+    results = []
+    for stacked in (True, False):
+        decoder.zero_grad(set_to_none=True)
+        out = decoder(features) if stacked else {t: decoder.forward_task(features, t)[t] for t in weights}
+        balance = [torch.stack(b.moe._pending_losses).detach() for b in decoder.blocks]
+        loss = sum((out[t] * weights[t]).mean() for t in weights) + decoder.pop_aux_loss()
+        loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in decoder.named_parameters()}, balance))
+    (out, grads, balance), (want_out, want_grads, want_balance) = results
+    for t in weights:
+        torch.testing.assert_close(out[t], want_out[t], rtol=1e-5, atol=1e-5)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    for a, b in zip(balance, want_balance, strict=True):
+        torch.testing.assert_close(a, b)

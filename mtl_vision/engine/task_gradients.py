@@ -85,6 +85,12 @@ class TaskGradientStep:
         self.params = [p for _, p in named]
         self.shared_idx: list[int] | None = None  # decided at the first step (params mode)
         self.acc = _Accumulated()
+        # One backward per task through a task-stacked backbone pass also runs through the other
+        # tasks' rows (zero gradients, full cost): per-task passes are faster here (vit_small with
+        # moe_layers=[9,11], 4 tasks: 8.7 s against 10.95 s a step) and compute the same function.
+        backbone = getattr(model, "backbone", None)
+        if getattr(backbone, "task_passes", None) == "stacked":
+            backbone.task_passes = "per_task"
 
     # -- split of the parameters ------------------------------------------------------------------
     def _decide_shared(self, per_task: list[list[Tensor | None]]) -> None:

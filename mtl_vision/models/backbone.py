@@ -14,11 +14,15 @@ from typing import Any
 
 import timm
 import torch
-from timm.models._features import FeatureGetterNet
+from timm.models._features import FeatureGetterNet, feature_take_indices
+from timm.models._manipulate import checkpoint
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from mtl_vision.models.moe_backbone import apply_moe_layers
-from mtl_vision.models.task_context import TaskConditioned, task_scope
+from mtl_vision.models.task_context import TaskConditioned, stacked_task_scope, task_scope
+
+TASK_PASSES = ("stacked", "per_task")
 
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
@@ -106,6 +110,11 @@ class Backbone(FeatureBackbone):
         upsample_mode: mode of every `nn.Upsample` of the timm model (HRNet's fuse layers), e.g.
             "bilinear" (align_corners=False) as the segmentation HRNet of MTI-Net/PAD-Net/CTAL;
             None keeps timm's ("nearest").
+        task_passes: how a task-conditioned backbone computes `{task: maps}`
+            (`mtl_vision.models.task_context`): "stacked" (default) runs a timm ViT once up to the
+            first block with task-conditioned layers and from there all tasks stacked in the batch,
+            when every task-conditioned layer supports it (MoE layers do); otherwise, or with
+            "per_task", one full pass per task (the reference).
 
     `forward(image (N,3,H,W)) -> list[Tensor]`, map i of shape (N, channels[i], H/strides[i], W/strides[i]).
     `mean`/`std` are the normalisation the weights expect (from timm's pretrained config).
@@ -129,8 +138,12 @@ class Backbone(FeatureBackbone):
         pos_embed_resample: str = "antialias",
         bn_momentum: float | None = None,
         upsample_mode: str | None = None,
+        task_passes: str = "stacked",
     ) -> None:
         super().__init__()
+        if task_passes not in TASK_PASSES:
+            raise ValueError(f"backbone.task_passes={task_passes!r}: expected one of {list(TASK_PASSES)}")
+        self.task_passes = task_passes
         self.tasks = list(tasks) if tasks is not None else None
         kwargs: dict[str, Any] = dict(model_kwargs or {})
         if out_indices is not None:
@@ -243,12 +256,16 @@ class Backbone(FeatureBackbone):
 
     def forward(self, image: Tensor) -> list[Tensor] | dict[str, list[Tensor]]:
         """Feature maps; `{task: maps}` from `task_features` (one shared pass with task branches)
-        or else, when the backbone is task-conditioned, from one pass per task."""
+        or else, when the backbone is task-conditioned, from one pass with the tasks stacked in the
+        batch (`task_passes="stacked"`, where supported) or one pass per task."""
         if self.task_features is not None:
             return self.task_features(self, image)
         if self.task_conditioned:
             if not self.tasks:
                 raise ValueError(f"backbone {self.name} has task-conditioned layers but was built without `tasks`")
+            first = self._stack_point()
+            if first is not None:
+                return self._stacked_features(image, first)
             out = {}
             for task in self.tasks:
                 with task_scope(task):
@@ -256,8 +273,62 @@ class Backbone(FeatureBackbone):
             return out
         return self._features(image)
 
+    def _stack_point(self) -> int | None:
+        """Index of the first ViT block with task-conditioned layers when the stacked pass applies: a timm
+        ViT, several tasks, `task_passes="stacked"`, and every task-conditioned module inside a block
+        and declaring `stacks_tasks`. None: one pass per task."""
+        vit = getattr(self.model, "model", None)
+        if self.task_passes != "stacked" or len(self.tasks or ()) < 2:
+            return None
+        if not (isinstance(self.model, FeatureGetterNet) and isinstance(vit, VisionTransformer)):
+            return None
+        conditioned = [m for m in self.model.modules() if isinstance(m, TaskConditioned)]
+        in_blocks = [[m for m in b.modules() if isinstance(m, TaskConditioned)] for b in vit.blocks]
+        if not all(m.stacks_tasks for m in conditioned) or sum(map(len, in_blocks)) != len(conditioned):
+            return None
+        return next(i for i, found in enumerate(in_blocks) if found)
+
+    def _stacked_features(self, image: Tensor, first: int) -> dict[str, list[Tensor]]:
+        """{task: maps} of a timm ViT in one pass: the blocks before `first` (and, for a standard block
+        whose MLP alone is task-conditioned, the attention half of `first`) run once on the batch,
+        then the tokens are repeated once per task and the remaining blocks see all tasks stacked in
+        the batch, inside `stacked_task_scope` (timm's `forward_intermediates`, otherwise unchanged)."""
+        tasks = list(self.tasks or ())
+        getter, vit = self.model, self.model.model
+        take, _ = feature_take_indices(len(vit.blocks), getter.out_indices)
+        n, _, height, width = image.shape
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(image))))
+        levels = []
+        with stacked_task_scope(tasks):
+            for i, block in enumerate(vit.blocks):
+                if i == first:
+                    if type(block) is Block and not any(isinstance(m, TaskConditioned) for m in block.attn.modules()):
+                        x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+                        x = x.repeat(len(tasks), 1, 1)
+                        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+                    else:
+                        x = block(x.repeat(len(tasks), 1, 1))
+                elif vit.grad_checkpointing and not torch.jit.is_scripting():
+                    x = checkpoint(block, x)
+                else:
+                    x = block(x)
+                if i in take:
+                    levels.append(vit.norm(x) if getter.norm else x)
+        grid = vit.patch_embed.dynamic_feat_size((height, width))
+        prefix = vit.num_prefix_tokens
+        maps = [y[:, prefix:].reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous() for y in levels]
+        out: dict[str, list[Tensor]] = {t: [] for t in tasks}
+        for level in self._finish(maps):
+            chunks = level.chunk(len(tasks)) if level.shape[0] != n else [level] * len(tasks)
+            for task, chunk in zip(tasks, chunks, strict=True):
+                out[task].append(chunk)
+        return out
+
     def _features(self, image: Tensor) -> list[Tensor]:
-        features = self.model(image)
+        return self._finish(self.model(image))
+
+    def _finish(self, features: list[Tensor]) -> list[Tensor]:
+        """timm's outputs as NCHW maps, the last through the final norm with `final_norm`."""
         if self._nhwc:
             features = [f.permute(0, 3, 1, 2) for f in features]
         if self.final_norm:

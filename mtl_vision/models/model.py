@@ -46,7 +46,7 @@ class MultiTaskModel(nn.Module):
     def decode(self, features: list[Tensor] | dict[str, list[Tensor]], size: tuple[int, int]) -> dict:
         """Decoder outputs brought to the input `size` (aux sets likewise). Task-specific features
         {task: maps} go to the decoder in one call if it declares `per_task_features = True`,
-        else the decoder runs once per task on that task's maps."""
+        else each task is decoded from its own maps (`_per_task`)."""
         per_task = isinstance(features, dict) and not getattr(self.decoder, "per_task_features", False)
         out = self._per_task(features) if per_task else self.decoder(features)
         preds = {task: resize_to(pred, size) for task, pred in out.items() if task != "aux"}
@@ -58,10 +58,14 @@ class MultiTaskModel(nn.Module):
         return self.decode(self.encode(image), tuple(image.shape[-2:]))
 
     def _per_task(self, features: dict) -> dict:
-        """Task-conditioned backbone: decode every task from its own features (aux sets likewise)."""
+        """Task-conditioned backbone: decode every task from its own features (aux sets likewise). A
+        decoder with `forward_task(maps, task)` computes that task alone; any other decoder (one whose
+        tasks exchange information, e.g. PAD-Net's distillation) runs whole on each task's maps and
+        that task's outputs are kept."""
+        forward_task = getattr(self.decoder, "forward_task", None)
         out: dict = {}
         for task, maps in features.items():
-            decoded = self.decoder(maps)
+            decoded = forward_task(maps, task) if forward_task is not None else self.decoder(maps)
             if task in decoded:  # an auxiliary-only task (decoder.auxiliary_tasks) has no final map
                 out[task] = decoded[task]
             for name, preds in decoded.get("aux", {}).items():

@@ -6,8 +6,10 @@ copy of the block's dense MLP (sparse upcycling, Komatsuzaki et al. 2023), so a 
 initially computes exactly its dense function whatever the routing (the gates of a token sum to
 one), up to tokens dropped by the capacity limit. Only the routers start from scratch.
 
-`TaskMoEMlp` is `TaskConditioned`: it routes with `current_task()`, so the backbone runs once per
-task (see `Backbone.forward`). Dropout inside the dense MLP (zero in the usual ViT configs) is not
+`TaskMoEMlp` is `TaskConditioned`: it routes with `current_task()`, or, on a batch with the tasks
+stacked (`stacks_tasks`, `current_tasks()`), every task's chunk with its own router in one dispatch,
+so a ViT backbone runs once up to the first MoE block and then once on all tasks stacked (see
+`Backbone.forward`). Dropout inside the dense MLP (zero in the usual ViT configs) is not
 carried over.
 """
 
@@ -19,21 +21,26 @@ import torch
 from torch import Tensor, nn
 
 from mtl_vision.models.moe import TaskMoE
-from mtl_vision.models.task_context import TaskConditioned, current_task
+from mtl_vision.models.task_context import TaskConditioned, current_task, current_tasks
 
 __all__ = ["TaskMoEMlp", "apply_moe_layers", "transformer_blocks"]
 
 
 class TaskMoEMlp(TaskConditioned):
     """Drop-in replacement of a timm block's `mlp`: `forward(x (..., C)) -> same shape`, routed by the
-    router of `current_task()`. The MoE bookkeeping methods delegate to the wrapped `TaskMoE`."""
+    router of `current_task()`; inside `stacked_task_scope(tasks)`, `x` is (len(tasks) * N, ..., C) and
+    chunk t is routed by the router of `tasks[t]`. The MoE bookkeeping methods delegate to the
+    wrapped `TaskMoE`."""
+
+    stacks_tasks = True
 
     def __init__(self, moe: TaskMoE) -> None:
         super().__init__()
         self.moe = moe
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.moe(x, current_task())
+        tasks = current_tasks()
+        return self.moe(x, tasks if tasks is not None else current_task())
 
     def pop_aux_loss(self) -> Tensor | None:
         return self.moe.pop_aux_loss()
@@ -78,13 +85,15 @@ def apply_moe_layers(
     mi_loss_weight: float = 0.0,
     hidden_ratio: float | None = None,
     router_noise: float = 0.0,
+    dispatch: str = "auto",
 ) -> list[TaskMoEMlp]:
     """Replace `blocks[i].mlp` of the transformer inside `backbone.model` for every i in `layers`.
 
     Every expert is initialised from the dense MLP (sparse upcycling) when that MLP is a plain
     Linear-GELU-Linear and `hidden_ratio` is None or keeps its hidden width; otherwise the experts
     get `TaskMoE`'s default initialisation. The experts inherit `requires_grad` of the dense MLP
-    (a frozen backbone keeps frozen experts; the new routers always train). Returns the new layers.
+    (a frozen backbone keeps frozen experts; the new routers always train). `dispatch`: see `TaskMoE`.
+    Returns the new layers.
     """
     name = getattr(backbone, "name", type(backbone).__name__)
     model = getattr(backbone, "model", backbone)
@@ -123,6 +132,7 @@ def apply_moe_layers(
             capacity_factor=capacity_factor,
             mi_loss_weight=mi_loss_weight,
             router_noise=router_noise,
+            dispatch=dispatch,
         )
         if ref is not None:
             moe = moe.to(device=ref.device, dtype=ref.dtype)

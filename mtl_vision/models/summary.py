@@ -18,6 +18,14 @@ def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -
 _CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
 
 
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * int(torch.Size(out_shape).numel()) * int(a_shape[-1])
+
+
+# nor for the grouped matmul of TaskMoE's grouped dispatch (its experts)
+_CPU_ATTENTION[torch.ops.aten._grouped_mm] = _grouped_mm_flops
+
+
 def flop_counter() -> FlopCounterMode:
     """torch's FLOP counter, with fused attention counted on the CPU as on the GPU."""
     return FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION)
@@ -64,7 +72,12 @@ def model_summary(model: nn.Module, image_size: Sequence[int]) -> dict[str, floa
         per_task = list(features.values()) if isinstance(features, dict) else [features]
         if isinstance(features, dict) and getattr(decoder, "per_task_features", False):
             per_task = [features]  # a decoder that reads every task's maps in one call (MTLoRA's)
-        flops = {"backbone": encoder_flops, "decoder": sum(_flops(decoder, f)[0] for f in per_task)}
+        if isinstance(features, dict) and per_task[0] is not features and hasattr(decoder, "forward_task"):
+            # MultiTaskModel decodes each task alone from its features (decoders with `forward_task`)
+            decoder_flops = sum(_flops(decoder.forward_task, f, t)[0] for t, f in features.items())
+        else:
+            decoder_flops = sum(_flops(decoder, f)[0] for f in per_task)
+        flops = {"backbone": encoder_flops, "decoder": decoder_flops}
     finally:
         model.train(was_training)
     out: dict[str, float] = {}

@@ -11,7 +11,10 @@ The decoder contract (every file in conf/decoder/ builds one):
 * `aux_names`: the names of the aux prediction sets it returns (empty if none);
 * optionally `per_task_features = True`: a task-conditioned backbone's `{task: features}` (MTLoRA's
   one shared pass with task branches) reach `forward` in one call (MTLoRA's decoder); without it
-  `MultiTaskModel` runs the decoder once per task on that task's features and keeps its output;
+  `MultiTaskModel` decodes each task from that task's features: with `forward_task(features, task)
+  -> {task: map}` (plus that task's "aux" entries) when the decoder has it (the tasks' heads are
+  independent: `heads`, `moe`), computing that task alone, else by running the whole decoder and
+  keeping that task's outputs;
 * optionally the constructor argument `auxiliary_tasks` (tasks of `task_channels` supervised only
   through the aux predictions, as MTI-Net's and PAD-Net's auxiliary edges and normals) and the
   attribute `final_tasks` (the others): the final maps are then returned for `final_tasks` only,

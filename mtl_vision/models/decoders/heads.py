@@ -79,3 +79,9 @@ class HeadsDecoder(nn.Module):
             return {task: head(maps) for task, head in self.heads.items()}
         shared = self.fuse(features)
         return {task: head(shared) for task, head in self.heads.items()}
+
+    def forward_task(self, features: Sequence[Tensor], task: str) -> dict[str, Tensor]:
+        """{task: map} of `task` alone, as `forward(features)[task]` computes it."""
+        if self.fuse is None:
+            return {task: self.heads[task]([features[i] for i in self.levels])}
+        return {task: self.heads[task](self.fuse(features))}

@@ -8,8 +8,10 @@ out of a shared pool:
     x = x + dwconv3x3(x)                 (cheap spatial token mixer, optional: `token_mixer`)
     x = x + TaskMoE(LayerNorm(x), task)
 
-The blocks run once per task (the cost is `tasks * depth` MoE calls of `tokens * top_k` expert
-MLPs each), then a per-task `task_head` predicts.
+The blocks run on every task's copy of the fused map, stacked in the batch (each MoE layer routes
+all tasks' tokens, each with its task's router, in one dispatch: `tokens * tasks * top_k` expert
+MLP rows), then a per-task `task_head` predicts. `forward_task(features, task)` computes one task
+only (what `MultiTaskModel` asks for on a task-conditioned backbone's per-task features).
 
 The auxiliary losses (load balancing, optionally mutual information) and the expert statistics of
 the MoE layers are exposed by `pop_aux_loss`, `expert_stats` and `reset_expert_stats`; the training
@@ -31,7 +33,8 @@ __all__ = ["MoEBlock", "MoEDecoder"]
 
 class MoEBlock(nn.Module):
     """Pre-norm residual block over a (N, C, H, W) map: optional depthwise 3x3 mixer, then LayerNorm ->
-    TaskMoE(task) -> residual. `forward(x, task) -> same shape`."""
+    TaskMoE(task) -> residual. `forward(x, task) -> same shape`; with a sequence of tasks, `x` holds
+    their maps stacked along the batch (see `TaskMoE`)."""
 
     def __init__(self, channels: int, moe: TaskMoE, token_mixer: bool = True) -> None:
         super().__init__()
@@ -39,7 +42,7 @@ class MoEBlock(nn.Module):
         self.norm = nn.LayerNorm(channels)
         self.moe = moe
 
-    def forward(self, x: Tensor, task: str) -> Tensor:
+    def forward(self, x: Tensor, task: str | Sequence[str]) -> Tensor:
         if self.mixer is not None:
             x = x + self.mixer(x)
         tokens = x.permute(0, 2, 3, 1)  # (N, H, W, C)
@@ -64,6 +67,7 @@ class MoEDecoder(nn.Module):
         router_noise: std of the Gaussian noise added to the router logits while training.
         token_mixer: a depthwise 3x3 convolution before each MoE layer (spatial context).
         min_stride: backbone levels finer than this are not used.
+        dispatch: how the MoE layers dispatch tokens to experts (see `TaskMoE`).
 
     `forward(features)` returns {task: (N, task_channels[task], H/s, W/s)}, s = `output_stride`.
     """
@@ -86,6 +90,7 @@ class MoEDecoder(nn.Module):
         router_noise: float = 0.0,
         token_mixer: bool = True,
         min_stride: int = 4,
+        dispatch: str = "auto",
     ) -> None:
         super().__init__()
         if depth < 1:
@@ -106,6 +111,7 @@ class MoEDecoder(nn.Module):
                     capacity_factor=capacity_factor,
                     mi_loss_weight=mi_loss_weight,
                     router_noise=router_noise,
+                    dispatch=dispatch,
                 ),
                 token_mixer=token_mixer,
             )
@@ -115,13 +121,25 @@ class MoEDecoder(nn.Module):
 
     def forward(self, features: Sequence[Tensor]) -> dict[str, Tensor]:
         shared = self.fuse(features)
-        out = {}
-        for task, head in self.heads.items():
-            x = shared
-            for block in self.blocks:
-                x = block(x, task)
-            out[task] = head(x)
-        return out
+        tasks = list(self.heads)
+        if len(tasks) == 1:
+            return {tasks[0]: self._decode(shared, tasks[0])}
+        # every task's copy of the map stacked in the batch: one dispatch per MoE layer for all tasks
+        # (the mixer and LayerNorm work per sample, the heads' BatchNorms see their own task's chunk)
+        x = shared.repeat(len(tasks), 1, 1, 1)
+        for block in self.blocks:
+            x = block(x, tasks)
+        return {task: self.heads[task](chunk) for task, chunk in zip(tasks, x.chunk(len(tasks)), strict=True)}
+
+    def forward_task(self, features: Sequence[Tensor], task: str) -> dict[str, Tensor]:
+        """{task: map} of `task` alone, as `forward(features)[task]` computes it."""
+        return {task: self._decode(self.fuse(features), task)}
+
+    def _decode(self, shared: Tensor, task: str) -> Tensor:
+        x = shared
+        for block in self.blocks:
+            x = block(x, task)
+        return self.heads[task](x)
 
     # ------------------------------------------------------------------ MoE bookkeeping
     def pop_aux_loss(self) -> Tensor | None:
