@@ -12,7 +12,10 @@ from omegaconf import DictConfig, OmegaConf
 # what a checkpoint's weights depend on; other keys (optimiser, schedule, length) may change on resume
 MODEL_KEYS = ("data.name", "data.tasks", "backbone", "peft", "decoder", "balancer._target_")
 # the weights come from the checkpoint, so where pretrained weights would come from does not matter
-IGNORED_KEYS = ("backbone.pretrained", "backbone.checkpoint_path")
+# keys that do not change the function the weights compute: where the initial weights come from,
+# and how a task-conditioned backbone is evaluated (stacked or per-task passes, the MoE dispatch:
+# equal outputs), so a run may resume under another value, or from a checkpoint older than the key
+IGNORED_KEYS = ("backbone.pretrained", "backbone.checkpoint_path", "backbone.task_passes", "backbone.moe.dispatch")
 
 
 class CheckpointMismatch(ValueError):
