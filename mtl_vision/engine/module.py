@@ -184,10 +184,10 @@ class MultiTaskModule(L.LightningModule):
         self._last_losses = {t: v.detach() for t, v in losses.items()}
         if SKIPPED_KEY in batch:
             self.skipped_samples += int(batch[SKIPPED_KEY].sum())
-        # the progress bar shows the loss of every step; the rest only on the steps the loggers write
-        self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
+        # only on the steps the loggers write (the progress bar refreshes on those too)
         if not logs_this_step(self._trainer):
             return total if self.automatic_optimization else None
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=batch_size)
         if expert_loss is not None:
             self.log("train/experts/aux_loss", expert_loss.detach(), batch_size=batch_size)
         self._maybe_log_expert_stats()
