@@ -81,3 +81,35 @@ def test_bench_step_refuses_what_it_cannot_compare():
         main(["step", *STEP_TINY, "--clock", "thread", "--threads", "2"])
     with pytest.raises(SystemExit, match=r"trainer.precision='bf16-true', expected one of"):
         main(["step", *STEP_TINY, "trainer.precision=bf16-true"])
+
+
+def test_bench_data_rows_per_dataset(tmp_path, capsys):
+    """`mtl-bench data` on tiny fixtures: a row per dataset with samples/s and the decode / transform
+    split, the resumable order's overhead in a note, and the same in JSON."""
+    import json
+
+    from mtl_vision.bench.cli import main
+
+    out = tmp_path / "data.json"
+    main(["data", "--dataset", "nyud", "pascal_context", "synthetic", "--num", "2", "--repeats", "1",
+          "--fixture-n", "1", "--size", "24", "32", "--crop", "16", "24", "--sampling", "50", "--json", str(out)])
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert [r["dataset"] for r in result["rows"]] == ["nyud", "pascal_context", "synthetic"]
+    for row in result["rows"]:
+        assert set(row) == {"dataset", "tasks", "source", "crop", "samples/s", "samples/cpu-s", "ms/sample",
+                            "decode ms", "transform ms"}
+        assert row["samples/s"] > 0 and row["decode ms"] > 0 and row["source"] == "24x32"
+    assert [r["crop"] for r in result["rows"]] == ["16x24", "16x24", "-"]
+    assert result["settings"]["threads"] == 1 and result["settings"]["num"] == 2
+    assert any(n.startswith("resumable order (EpochSampler + SeededSamples) over 50") for n in result["notes"])
+    assert "| pascal_context |" in printed
+
+
+def test_bench_data_refuses_root_with_several_datasets(tmp_path):
+    import pytest
+
+    from mtl_vision.bench.cli import main
+
+    with pytest.raises(SystemExit, match="--root .*exactly one --dataset"):
+        main(["data", "--dataset", "nyud", "pascal_context", "--root", str(tmp_path)])

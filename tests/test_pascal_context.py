@@ -70,7 +70,7 @@ def test_fixture_has_the_real_layout_and_encodings(fixture_root: Path) -> None:
         assert img.mode == "L"
     assert loadmat(str(fixture_root / "pascal-context" / "trainval" / "2008_000000.mat"))["LabelMap"].dtype == np.uint16
     objects = loadmat(str(fixture_root / "human_parts" / "2008_000000.mat"))["anno"][0][0][1][0]
-    person = [obj for obj in objects if obj[1][0][0] == 15][0]
+    person = next(obj for obj in objects if obj[1][0][0] == 15)
     assert str(person[0][0]) == "person" and person[2].dtype == np.uint8
     assert {"hair", "head", "torso", "luarm", "rlarm", "lfoot"} <= {str(p[0][0]) for p in person[3][0]}
     assert any(obj[1][0][0] != 15 and len(obj[3]) for obj in objects)  # other classes carry parts too
@@ -288,3 +288,38 @@ def test_normals_valid_ids() -> None:
     assert list(ids) == derive_normals_valid_ids(context, nyu)
     assert all(context[name] == cid for _, name, cid in CLASS_MAP.values())
     assert set(human_part_groups()[1]) == set(json.loads((REFERENCE / "pascal_part.json").read_text())["15"])
+
+
+def _same_mat(a, b) -> bool:
+    """Equal loadmat results: dicts, struct and object arrays compared element by element."""
+    if isinstance(a, dict):
+        return set(a) == set(b) and all(_same_mat(a[k], b[k]) for k in a)
+    if isinstance(a, np.ndarray):
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        if a.dtype.names:
+            return all(_same_mat(x[n], y[n]) for n in a.dtype.names for x, y in zip(a.flat, b.flat, strict=True))
+        if a.dtype == object:
+            return all(_same_mat(x, y) for x, y in zip(a.flat, b.flat, strict=True))
+        return np.array_equal(a, b)
+    return a == b
+
+
+def test_fast_readers_equal_pil_and_scipy(fixture_root: Path) -> None:
+    """The libdeflate paths give what PIL and scipy give, for every PNG and .mat of the fixture
+    (palette, grey and RGB PNGs; struct and plain .mat files), and leave other files to them."""
+    from mtl_vision.data.io import decode_png, inflate_mat, read_mat
+
+    pngs, mats = sorted(fixture_root.rglob("*.png")), sorted(fixture_root.rglob("*.mat"))
+    assert {Image.open(p).mode for p in pngs} == {"P", "L", "RGB"} and mats
+    for path in pngs:
+        with Image.open(path) as img:
+            want = np.array(img)
+        got = decode_png(path.read_bytes())
+        assert got is not None and got.dtype == want.dtype and np.array_equal(got, want), path
+    for path in mats:
+        assert inflate_mat(path.read_bytes()) is not None
+        assert _same_mat(read_mat(path), loadmat(str(path))), path
+    rgb = pngs[0].read_bytes()
+    assert decode_png(rgb[:-30]) is None and decode_png(b"GIF89a") is None  # truncated / not a PNG: PIL's turn
+    assert decode_png(next(p for p in pngs if "sal_distill" in str(p)).read_bytes(), mode="RGB") is None

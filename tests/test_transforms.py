@@ -98,3 +98,55 @@ def test_argument_and_size_errors():
     big = _sample()
     assert ValTransform(size=[32, 32])(big)["image"].shape == (3, 48, 64), "never crops or resizes"
     assert ValTransform(size=[32, 80])(big)["semseg"].shape == (48, 80)
+
+
+def _reference_train(t: TrainTransform, sample: dict) -> dict:
+    """TrainTransform as composed from the public steps, all in torch: jitter on the whole image,
+    crop, `resize_sample`, `pad_sample`, `flip_sample` (the definition the fast path must equal)."""
+    import math
+
+    from torchvision.transforms.v2 import functional as TF
+
+    from mtl_vision.data.transforms import _rotate_hue, crop_sample, pad_sample
+
+    image = sample["image"]
+    for name, factor in t._jitter_draws():
+        image = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
+                 "saturation": TF.adjust_saturation, "hue": _rotate_hue}[name](image, factor)
+    sample = dict(sample, image=image.clamp(0, 1))
+    h, w = image.shape[-2:]
+    (ch, cw), scale = t.crop_size, t._uniform(*t.scale_range)
+    rh, rw = max(1, round(ch / scale)), max(1, round(cw / scale))
+    top, left = t._randint(min(0, h - rh), max(0, h - rh)), t._randint(min(0, w - rw), max(0, w - rw))
+    y0, x0, y1, x1 = max(top, 0), max(left, 0), min(top + rh, h), min(left + rw, w)
+    sample = crop_sample(sample, y0, x0, (y1 - y0, x1 - x0))
+    size = (min(ch, max(1, round((y1 - y0) * ch / rh))), min(cw, max(1, round((x1 - x0) * cw / rw))))
+    if size != (y1 - y0, x1 - x0):
+        sample = resize_sample(sample, size)
+    if size != (ch, cw):
+        sample = pad_sample(sample, (ch, cw), top=min(round((y0 - top) * ch / rh), ch - size[0]),
+                            left=min(round((x0 - left) * cw / rw), cw - size[1]))
+    assert not math.isnan(scale)
+    return flip_sample(sample) if float(torch.rand(())) < t.flip_prob else sample
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fast_train_transform_equals_the_torch_composition_bit_for_bit(layout):
+    """The compiled jitter, the jitter after contrast on the crop only and the fused resize + pad +
+    flip (on one thread, large enough crops) give exactly the torch composition's tensors."""
+    from mtl_vision.data import resample
+
+    torch.set_num_threads(1)
+    assert resample.available()
+    t = TrainTransform(crop_size=[112, 144])
+    scenes = SyntheticScenes(split="val", tasks=ALL, height=120, width=160, num_samples=4, invalid_prob=1.0)
+    for seed in range(12):
+        sample = scenes[seed % 4]
+        if layout == "channels_last":  # as read_rgb lays out decoded images
+            sample["image"] = sample["image"].permute(1, 2, 0).contiguous().permute(2, 0, 1)
+        torch.manual_seed(seed)
+        want = _reference_train(t, sample)
+        torch.manual_seed(seed)
+        got = t(sample)
+        for key in ["image", *ALL]:
+            assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), (seed, key)

@@ -173,37 +173,25 @@ def _depth_npy(path: Path, sample: str) -> np.ndarray:
     return positive_npy(path, sample, "depth (metres)")
 
 
-def _unit_normals(vec: np.ndarray) -> np.ndarray:
-    """Renormalise a fresh (3,H,W) float32 array in place: unit vectors, all-zero where the
-    vector is non-finite or shorter than MIN_NORMAL_LENGTH."""
-    sq = vec[0] * vec[0]
-    sq += vec[1] * vec[1]
-    sq += vec[2] * vec[2]
-    valid = (sq >= MIN_NORMAL_LENGTH**2) & (sq < np.inf)  # NaN fails both
-    inv = np.fmax(sq, np.float32(MIN_NORMAL_LENGTH**2))  # fmax drops NaN: inv stays finite
-    np.sqrt(inv, out=inv)
-    np.divide(np.float32(1), inv, out=inv)
-    inv *= valid
-    vec *= inv
-    if not np.isfinite(sq).all():  # NaN/inf times 0 is still NaN
-        np.copyto(vec, 0, where=~valid)
-    return vec
-
-
 def _normals_npy(path: Path, sample: str) -> np.ndarray:
     array = _hw(read_npy(path, sample=sample), trailing=3, sample=sample, path=path, what="normals")
     _numeric(array, "f", sample=sample, path=path, what="normals")
-    return _unit_normals(array.transpose(2, 0, 1).astype(np.float32, order="C"))
+    from mtl_vision.data.decode import unit_normals  # compiled; numba is slow to import
+
+    return unit_normals(array, MIN_NORMAL_LENGTH)
 
 
 def _normals_png(path: Path, sample: str) -> np.ndarray:
     array = _hw(read_pil(path, sample=sample), trailing=3, sample=sample, path=path, what="normals")
     if array.dtype != np.uint8:
         raise _bad(sample, path, f"normals PNG has dtype {array.dtype}, expected 8-bit RGB")
-    vec = array.transpose(2, 0, 1).astype(np.float32, order="C")
-    vec *= np.float32(2 / 255)  # decode 2x/255-1
-    vec -= 1
-    return _unit_normals(vec)
+    from mtl_vision.data.decode import unit_normals
+
+    return unit_normals(array, MIN_NORMAL_LENGTH, lut=_PNG_NORMAL_LUT)
+
+
+# uint8 code -> float32 component: 2x/255-1 as float32 operations (x * float32(2/255), then - 1)
+_PNG_NORMAL_LUT = np.arange(256, dtype=np.float32) * np.float32(2 / 255) - np.float32(1)
 
 
 def _edge_npy(path: Path, sample: str) -> np.ndarray:

@@ -217,14 +217,13 @@ class PascalContext(Dataset):
 
     def _normals(self, path: Path, where: str, hw: tuple[int, int], labels: np.ndarray) -> torch.Tensor:
         png = _plane(read_pil(path, sample=where), 3, path, where, hw, "an RGB PNG", name="normals")
-        normals = np.take(_DECODE_NORMAL, png.transpose(2, 0, 1))  # (3,H,W) float32, 2x/255-1
-        norm2 = normals[0] * normals[0]
-        norm2 += normals[1] * normals[1]
-        norm2 += normals[2] * normals[2]  # never 0: 8-bit codes give components of at least 1/255
-        scale = np.divide(1, np.sqrt(norm2, out=norm2), out=norm2)
-        scale[~self._normals_lut[labels]] = 0
-        normals *= scale
-        return torch.from_numpy(normals)
+        from mtl_vision.data.decode import masked_unit_normals  # compiled, one pass
+
+        # (3,H,W) float32: 2x/255-1, divided by the length (never 0: 8-bit codes give components of
+        # at least 1/255), times 0 outside the classes with normals
+        if not labels.dtype.isnative:  # a big-endian .mat: the compiled loop reads native integers
+            labels = labels.astype(labels.dtype.newbyteorder("="))
+        return torch.from_numpy(masked_unit_normals(png, _DECODE_NORMAL, labels, self._normals_lut))
 
     def _human_parts(self, path: Path, where: str, hw: tuple[int, int]) -> torch.Tensor:
         mat = read_mat(path, sample=where)
