@@ -4,6 +4,87 @@ asserts a time)."""
 from __future__ import annotations
 
 
+def test_bench_decoders_scaling_tables(tmp_path, capsys):
+    """`mtl-bench decoders` with two task sets and two sizes: one row per setting, a failing decoder
+    reported in its rows, and both scaling tables under the table."""
+    import json
+
+    from mtl_vision.bench.cli import main
+
+    out = tmp_path / "decoders.json"
+    main(["decoders", "--in-process", "--backbone", "test_resnet", "--decoders", "heads", "taskprompter",
+          "--tasks", "1", "2", "--sizes", "32x32", "64x64", "--warmup", "0", "--steps", "1", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "against the number of tasks (32x32)" in printed and "against the resolution (2 tasks)" in printed
+    result = json.loads(out.read_text())
+    cells = [(r["decoder"], r["tasks"], r["size"]) for r in result["rows"]]
+    # the task sets at the first size, then the sizes at the middle task set, without repeats
+    assert cells == [(d, t, s) for d in ("heads", "taskprompter") for t, s in
+                     (("1", "32x32"), ("2", "32x32"), ("2", "64x64"))]
+    for row in result["rows"]:
+        assert set(row) == {"decoder", "tasks", "size", "steps", "step_s", "peak_mb", "decoder_params_m",
+                            "backbone_params_m", "decoder_gflops", "backbone_gflops", "error"}
+        if row["decoder"] == "heads":
+            assert row["error"] == "" and row["step_s"] > 0 and row["decoder_gflops"] > 0
+        else:  # TaskPrompter runs a ViT's blocks itself: not on a ResNet, and said so
+            assert "ViT" in row["error"]
+    assert "| taskprompter | fails: ValueError" in printed
+
+
+def test_bench_decoders_rejects_unknown_task_set():
+    import pytest
+
+    from mtl_vision.bench.cli import main
+
+    with pytest.raises(SystemExit, match="--tasks 'semseg,sky'"):
+        main(["decoders", "--in-process", "--decoders", "heads", "--tasks", "semseg,sky"])
+
+
+def test_bench_balancers_table(tmp_path, capsys):
+    """`mtl-bench balancers`: ew and a gradient balancer in features mode, every cell a row with its
+    ratio to ew, and the README table under it."""
+    import json
+
+    from mtl_vision.bench.cli import main
+
+    out = tmp_path / "balancers.json"
+    main(["balancers", "--in-process", "--balancers", "pcgrad", "--modes", "features", "--tasks-counts", "2",
+          "--size", "32x32", "--warmup", "0", "--steps", "1", "--threads", "1", "--json", str(out)])
+    printed = capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["balancer"], r["mode"], r["tasks"]) for r in rows] == [("ew", "", 2), ("pcgrad", "features", 2)]
+    assert all(r["error"] == "" and r["step_s"] > 0 for r in rows) and rows[0]["x_ew"] == 1.0
+    assert rows[1]["manual_optimization"] is True
+    assert "| pcgrad (features) |" in printed and "<= 1.5x at 4 tasks" in printed
+
+
+def test_bench_boundary_table(tmp_path):
+    """`mtl-bench boundary` on one small image: a row per run with its seconds and scores."""
+    import json
+
+    from mtl_vision.bench.cli import main
+
+    out = tmp_path / "boundary.json"
+    main(["boundary", "--images", "2", "--workers", "1", "--size", "48x64", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert [(r["implementation"], r["workers"], r["images"]) for r in result["rows"]] == [("ours", 1, 2)]
+    assert {"s_per_image", "cpu_s_per_image", "odsF", "oisF", "ap"} <= set(result["rows"][0])
+    assert any(n.startswith("numba warm-up") for n in result["notes"])
+
+
+def test_bench_guard_table(tmp_path):
+    """`mtl-bench guard`: the guard's snapshot and check against the forward + backward they guard."""
+    import json
+
+    from mtl_vision.bench.cli import main
+
+    out = tmp_path / "guard.json"
+    main(["guard", "--model", "resnet18", "--size", "32", "--repeats", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["part"] for r in rows] == ["forward+backward", "guard snapshot", "guard check", "guard total"]
+    assert all(set(r) == {"part", "ms", "percent_of_step"} for r in rows)
+
+
 def test_bench_moe_table(tmp_path, capsys):
     """`mtl-bench moe` at its tiniest: a row per expert count (ratio to the fewest) and a step row per
     backbone setting (dense, stacked MoE, per-task MoE; ratio to dense)."""
