@@ -194,3 +194,22 @@ def test_bench_data_refuses_root_with_several_datasets(tmp_path):
 
     with pytest.raises(SystemExit, match="--root .*exactly one --dataset"):
         main(["data", "--dataset", "nyud", "pascal_context", "--root", str(tmp_path)])
+
+
+def test_bench_gpu_script_says_it_needs_a_gpu(tmp_path):
+    """`scripts/bench_gpu.py` without a CUDA device: a clear message, status 2, nothing written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: the script would run the benchmark")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_gpu.py"
+    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "out")], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 2
+    assert "no CUDA device is visible" in done.stderr
+    assert not (tmp_path / "out").exists()
