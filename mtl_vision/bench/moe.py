@@ -146,7 +146,7 @@ def _step_rows(args: argparse.Namespace, device: Any, dtype: Any, sync: Any) -> 
     moe = f"backbone.moe_layers=[{','.join(map(str, args.moe_layers))}]"
     settings = {"dense": [], f"moe {args.moe_layers} stacked": [moe]}
     if not args.no_per_task:
-        settings[f"moe {args.moe_layers} per_task"] = [moe, "+backbone.task_passes=per_task"]
+        settings[f"moe {args.moe_layers} per_task"] = [moe, "++backbone.task_passes=per_task"]
     steps, modules = {}, {}
     for name, extra in settings.items():
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
