@@ -95,13 +95,12 @@ class PhaseClock:
         return totals
 
 
-def _wrap(obj: Any, name: str, clock: PhaseClock, phase: str) -> None:
-    """Time `obj.name(...)` as `phase` (an attribute on the instance shadows the class's method)."""
+def _timed(inner: Any, clock: PhaseClock, phase: str) -> Any:
+    """`inner` with its calls timed as `phase`; `functools.wraps` keeps the marks others put on it
+    (an LR scheduler's on `optimizer.step`)."""
     import functools
 
-    inner = getattr(obj, name)
-
-    @functools.wraps(inner)  # keeps the marks others put on it (an LR scheduler's on `optimizer.step`)
+    @functools.wraps(inner)
     def timed(*args: Any, **kwargs: Any) -> Any:
         clock.enter(phase)
         try:
@@ -109,7 +108,12 @@ def _wrap(obj: Any, name: str, clock: PhaseClock, phase: str) -> None:
         finally:
             clock.leave()
 
-    setattr(obj, name, timed)
+    return timed
+
+
+def _wrap(obj: Any, name: str, clock: PhaseClock, phase: str) -> None:
+    """Time `obj.name(...)` as `phase` (an attribute on the instance shadows the class's method)."""
+    setattr(obj, name, _timed(getattr(obj, name), clock, phase))
 
 
 class _Patched:
@@ -122,24 +126,7 @@ class _Patched:
         import torch
 
         self._saved = (torch.autograd.backward, torch.autograd.grad)
-        backward, grad = self._saved
-        clock = self.clock
-
-        def timed_backward(*args: Any, **kwargs: Any) -> Any:
-            clock.enter("backward")
-            try:
-                return backward(*args, **kwargs)
-            finally:
-                clock.leave()
-
-        def timed_grad(*args: Any, **kwargs: Any) -> Any:
-            clock.enter("backward")
-            try:
-                return grad(*args, **kwargs)
-            finally:
-                clock.leave()
-
-        torch.autograd.backward, torch.autograd.grad = timed_backward, timed_grad
+        torch.autograd.backward, torch.autograd.grad = (_timed(f, self.clock, "backward") for f in self._saved)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -445,8 +432,6 @@ def run(args: argparse.Namespace) -> Result:
         )
         with _Patched(clock):
             trainer.fit(module, train_dataloaders=loader)
-        if args.warmup == 0 and not plain_steps:
-            plain_block(args.steps, timed=True)
 
     trainer_steps = trainer_steps[: args.steps]
     rows = []
