@@ -94,21 +94,9 @@ def target_fill(task: str) -> float:
 
 
 def pad_sample(sample: dict[str, Any], size: tuple[int, int], *, top: int = 0, left: int = 0) -> dict[str, Any]:
-    """Pad every map to `size` with the image at (top, left); image padding is black."""
-    h, w = sample["image"].shape[-2:]
-    ph, pw = size
-    if h + top > ph or w + left > pw:
-        raise ValueError(f"cannot pad a {h}x{w} sample to {ph}x{pw} at offset ({top}, {left})")
-    pads = (left, pw - w - left, top, ph - h - top)
-    out = dict(sample)
-    out["image"] = F.pad(sample["image"], pads, value=0.0)
-    for task in CLASS_MAPS + BINARY_MAPS + GEOMETRY:
-        if task in sample:
-            target = sample[task]
-            out[task] = F.pad(target[None] if target.dim() == 2 else target, pads, value=target_fill(task))
-            if target.dim() == 2:
-                out[task] = out[task][0]
-    return out
+    """Pad every map to `size` with the image at (top, left); image padding is black, a target's
+    is its fill value (`target_fill`)."""
+    return _pad_flip(sample, size, top=top, left=left, flip=False)
 
 
 def crop_sample(sample: dict[str, Any], top: int, left: int, size: tuple[int, int]) -> dict[str, Any]:
@@ -121,15 +109,7 @@ def crop_sample(sample: dict[str, Any], top: int, left: int, size: tuple[int, in
 
 def flip_sample(sample: dict[str, Any]) -> dict[str, Any]:
     """Horizontal flip; the normals' x component changes sign (camera-frame normals)."""
-    out = dict(sample)
-    for key in MAPS:
-        if key in sample:
-            out[key] = sample[key].flip(-1)
-    if "normals" in sample:
-        normals = out["normals"].clone()
-        normals[0] = -normals[0]
-        out["normals"] = normals
-    return out
+    return _pad_flip(sample, tuple(sample["image"].shape[-2:]), top=0, left=0, flip=True)
 
 
 def _check_size(size: Sequence[int], name: str) -> tuple[int, int]:
@@ -314,12 +294,13 @@ def _resize_pad_flip(sample: dict[str, Any], size: tuple[int, int], out_size: tu
 
 
 def _pad_flip(sample: dict[str, Any], size: tuple[int, int], *, top: int, left: int, flip: bool) -> dict[str, Any]:
-    """`pad_sample(sample, size, top=top, left=left)`, then `flip_sample` if `flip`: the same maps,
-    with one copy of each map instead of two (and none where neither applies)."""
+    """Every map padded to `size` with the image at (top, left) (image padding black, a target's
+    its `target_fill`), then flipped horizontally if `flip` (the normals' x changes sign): one copy
+    of each map for both, none where neither applies. `pad_sample` and `flip_sample` are this."""
     h, w = sample["image"].shape[-2:]
     ph, pw = size
     if (h, w) == (ph, pw) and not flip:
-        return sample
+        return dict(sample)
     if h + top > ph or w + left > pw:
         raise ValueError(f"cannot pad a {h}x{w} sample to {ph}x{pw} at offset ({top}, {left})")
     if flip:
